@@ -1,0 +1,3 @@
+from nested_learning.cli import main
+
+raise SystemExit(main())

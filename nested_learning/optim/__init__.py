@@ -1,0 +1,1 @@
+"""Tiered optimizers: ``optim.torch.NestedAdamW`` (PyTorch) and ``optim.mlx.NestedAdamW`` (MLX)."""
