@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "NestedAdamW": "nested_learning.optim.torch",
     "assign_tiers": "nested_learning.tiers",
-    "TierPlan": "nested_learning.tiers",
+    "format_plan": "nested_learning.tiers",
     "TrainConfig": "nested_learning.config",
     "load_config": "nested_learning.config",
     "run_training": "nested_learning.trainer",
