@@ -156,6 +156,7 @@ class EvalConfig(_Section):
     batch_size: int | None = Field(None, gt=0, description="Validation batch size (default: optim.batch_size).")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N evals without improvement (0: off).")
     early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest val-loss drop counted as improvement.")
+    at_start: bool = Field(False, description="Also evaluate once before the first step (the baseline val loss).")
 
 
 class CheckpointConfig(_Section):
