@@ -262,3 +262,55 @@ def test_works_with_torch_lr_scheduler_per_group():
     # Adam's first step moves by lr (|m_hat / sqrt(v_hat)| = 1): q's one update at step 2 used 0.05 * 0.5.
     assert q.detach().tolist() == pytest.approx([1 - 0.025] * 2, rel=1e-6)
     assert p.detach().tolist() == pytest.approx([1 - 0.1 - 0.05] * 2, rel=1e-6)
+
+
+# -- flat layout: same numbers, fewer kernels -------------------------------------------------------------
+
+@pytest.mark.parametrize("accumulate", ["mean", "sum", "last"])
+def test_flat_layout_matches_per_tensor_path_and_resumes(accumulate, tmp_path):
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 64, (2, 10), generator=g) for _ in range(14)]
+
+    def build(flat):
+        model = _tiny_lora_lm(num_layers=3)
+        groups = assign_tiers(model.named_parameters(), periods=[1, 2, 4])
+        return model, NestedAdamW(groups, lr=1e-2, weight_decay=0.01, accumulate=accumulate, flat=flat)
+
+    model, opt = build(False)
+    ref_losses = _train_lm(model, opt, batches)
+    opt.finish()
+
+    flat_model, flat_opt = build(True)
+    losses = _train_lm(flat_model, flat_opt, batches[:7])
+    # Someone else zeroing gradients to None must not matter.
+    flat_model.zero_grad(set_to_none=True)
+    sd = flat_opt.state_dict()
+    torch.save(sd, tmp_path / "opt.pt")
+    # Rebuild: a new model with the trained weights, a new flat optimizer from the saved state.
+    resumed_model, resumed_opt = build(True)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(resumed_model.named_parameters(), flat_model.named_parameters()):
+            a.copy_(b)
+    resumed_opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    losses += _train_lm(resumed_model, resumed_opt, batches[7:])
+    resumed_opt.finish()
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for (n, a), (_, b) in zip(model.named_parameters(), resumed_model.named_parameters()):
+        assert _rel_err(b, a) <= 1e-6, n
+    # The tier really is one buffer: every parameter of tier 0 shares one storage.
+    ft = resumed_opt._flat[0]
+    assert ft is not None and len({p.untyped_storage().data_ptr() for p in ft.params}) == 1
+
+
+def test_flat_parameters_still_save_through_peft(tmp_path):
+    from peft import PeftModel
+
+    model = _tiny_lora_lm()
+    opt = NestedAdamW(assign_tiers(model.named_parameters(), periods=[1, 2]), lr=1e-2, flat=True)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(6))
+    _train_lm(model, opt, [ids, ids])
+    model.save_pretrained(tmp_path / "adapter")
+    base = _tiny_lora_lm().get_base_model()
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-6)

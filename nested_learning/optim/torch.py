@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.optim.adamw import adamw as _functional_adamw
 
+from nested_learning.optim.flat import FlatTier
 from nested_learning.tiers import is_due
 
 __all__ = ["NestedAdamW"]
@@ -59,6 +60,7 @@ class NestedAdamW(torch.optim.Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        flat: bool = False,
     ) -> None:
         if not (isinstance(lr, float) or isinstance(lr, int)) or lr < 0:
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
@@ -82,6 +84,9 @@ class NestedAdamW(torch.optim.Optimizer):
         self.accumulate = accumulate
         self.flush_on_end = flush_on_end
         self.global_step = 0  # s: optimizer steps taken (one per step() call)
+        # flat=True: each tier's tensors live in one contiguous buffer (see optim/flat.py); built lazily.
+        self.flat = flat
+        self._flat: dict[int, FlatTier | None] = {}
 
     # -- construction helpers -------------------------------------------------------------------------
     @staticmethod
@@ -126,30 +131,57 @@ class NestedAdamW(torch.optim.Optimizer):
             foreach = not fused
         return bool(foreach), bool(fused)
 
+    def _adamw(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, foreach, fused) -> None:
+        beta1, beta2 = group["betas"]
+        _functional_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=foreach, fused=fused,
+                          amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"] * group["lr_scale"],
+                          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
     def _apply(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """One AdamW step of a tier on `grads` (the tier's G)."""
         if not params:
             return
         foreach, fused = self._resolve_impl(group, params)
         states = [self._state_for(p, fused) for p in params]
-        beta1, beta2 = group["betas"]
-        _functional_adamw(
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [],
-            [s["step"] for s in states],
-            foreach=foreach,
-            fused=fused,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"] * group["lr_scale"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=False,
-        )
+        self._adamw(group, params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                    [s["step"] for s in states], foreach, fused)
+
+    # -- flat layout ----------------------------------------------------------------------------------
+    def _flat_tier(self, index: int, group: dict[str, Any]) -> FlatTier | None:
+        ft = self._flat.get(index, False)
+        if ft is False or (ft is not None and not ft.owns_storage()):
+            params = group["params"]
+            same = params and all(p.device == params[0].device and p.dtype == params[0].dtype and p.is_floating_point()
+                                  and not p.is_sparse for p in params)
+            ft = None
+            if same:
+                _, fused = self._resolve_impl(group, params)
+                ft = FlatTier(params, self.state, fused, with_acc=self._uses_accumulator(group))
+            self._flat[index] = ft
+        return ft
+
+    def _flat_step(self, ft: FlatTier, group: dict[str, Any], due: bool) -> None:
+        ft.gather_grads()
+        foreach, fused = self._resolve_impl(group, ft.params)
+        grad = ft.grad
+        if ft.acc is not None:
+            ft.acc.add_(ft.grad)
+            if not due:
+                return
+            if self.accumulate == "mean":
+                ft.acc.div_(group["period"])
+            grad = ft.acc if ft.acc.dtype == ft.param.dtype else ft.acc.to(ft.param.dtype)
+        elif not due:
+            return
+        self._adamw(group, [ft.param], [grad], [ft.exp_avg], [ft.exp_avg_sq], [ft.step], foreach, fused)
+        if ft.acc is not None:
+            ft.acc.zero_()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for ft in self._flat.values():
+            if ft is not None:
+                ft.zero_grad()  # keep .grad pointing into the flat buffer
 
     def _accumulate(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         accs = []
@@ -182,12 +214,21 @@ class NestedAdamW(torch.optim.Optimizer):
                 loss = closure()
         self.global_step += 1
         s = self.global_step
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            due = is_due(s, group["period"])
+            ft = self._flat_tier(index, group) if self.flat else None
+            if ft is not None:
+                self._flat_step(ft, group, due)
+                if self._uses_accumulator(group):
+                    group["pending"] += 1
+                if due:
+                    group["updates"] += 1
+                    group["pending"] = 0
+                continue
             with_grad = [p for p in group["params"] if p.grad is not None]
             if with_grad and with_grad[0].grad.is_sparse:
                 raise RuntimeError("NestedAdamW does not support sparse gradients")
             grads = [p.grad for p in with_grad]
-            due = is_due(s, group["period"])
             if self._uses_accumulator(group):
                 if with_grad:
                     self._accumulate(with_grad, grads)
@@ -207,11 +248,23 @@ class NestedAdamW(torch.optim.Optimizer):
 
         With ``mean`` the partial chunk is averaged over the steps it holds. Does not advance the step count.
         """
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             if self._uses_accumulator(group) and group["pending"] > 0:
-                self._update_from_accumulators(group, group["pending"])
+                ft = self._flat.get(index) if self.flat else None
+                if ft is not None and ft.owns_storage():
+                    self._flat_flush(ft, group)
+                else:
+                    self._update_from_accumulators(group, group["pending"])
                 group["updates"] += 1
                 group["pending"] = 0
+
+    def _flat_flush(self, ft: FlatTier, group: dict[str, Any]) -> None:
+        foreach, fused = self._resolve_impl(group, ft.params)
+        if self.accumulate == "mean":
+            ft.acc.div_(group["pending"])
+        grad = ft.acc if ft.acc.dtype == ft.param.dtype else ft.acc.to(ft.param.dtype)
+        self._adamw(group, [ft.param], [grad], [ft.exp_avg], [ft.exp_avg_sq], [ft.step], foreach, fused)
+        ft.acc.zero_()
 
     def finish(self) -> None:
         """End of training: flush partial chunks unless ``flush_on_end`` is False."""
@@ -263,4 +316,5 @@ class NestedAdamW(torch.optim.Optimizer):
             p = index[key]
             self.state[p]["acc"] = acc.to(device=p.device, dtype=torch.float32)
         self.global_step = int(nested["global_step"])
+        self._flat = {}  # rebuilt from the loaded per-parameter state at the next step
         self.flush_on_end = bool(nested["flush_on_end"])
