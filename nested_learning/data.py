@@ -1,0 +1,592 @@
+"""Training data: JSONL records -> token samples -> padded or packed micro-batches.
+
+Record formats, detected per file from its first record (a file mixing formats is rejected):
+
+- ``{"text": ...}``: every token carries loss.
+- ``{"prompt": ..., "completion": ...}``: under prompt masking only the completion (and EOS) carries loss.
+- ``{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}``: rendered with the
+  tokenizer's chat template (or ``chat_template``); under prompt masking only assistant turns carry loss.
+
+EOS is appended to text and completions when the tokenizer has one. Every problem with a record is a
+``DataError`` whose message starts with ``path:line:``.
+
+Batches come in two layouts (see ``collate``): padded rows with an attention mask, or packed rows where
+several samples share a row, ``position_ids`` restart at 0 for each sample and no attention mask is passed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import random
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Batch",
+    "BatchPlan",
+    "DataError",
+    "Sample",
+    "collate",
+    "detect_format",
+    "encode_records",
+    "iterate_batches",
+    "load_splits",
+    "read_jsonl",
+]
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+# Micro-batches per length-sorted chunk under group_by_length: large enough to cut padding, small enough
+# that one epoch still mixes short and long batches.
+GROUP_CHUNK_BATCHES = 32
+
+logger = logging.getLogger("nested_learning")
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class DataError(ValueError):
+    """Data that cannot be used; starts with ``path:line:`` when one record is at fault."""
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where the token carries no loss; same length as input_ids
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class _Records(list):
+    """A list of records that remembers the file and line each came from (for error messages)."""
+
+    path: str = "<records>"
+    lines: list[int]
+
+
+def _line_of(records: Sequence[dict], i: int) -> int:
+    lines = getattr(records, "lines", None)
+    return lines[i] if lines is not None else i + 1
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """One dict per non-blank line. Malformed JSON, non-objects and empty files raise ``DataError``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    records = _Records()
+    records.path, records.lines = str(p), []
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{p}:{lineno}: not valid UTF-8 ({exc.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{p}:{lineno}: expected a JSON object, got {_json_type(record)}")
+            records.append(record)
+            records.lines.append(lineno)
+    if not records:
+        raise DataError(f"{p}: the file holds no records (it is empty)")
+    return records
+
+
+def _record_format(record: dict, where: str) -> str:
+    found = []
+    if "text" in record:
+        found.append("text")
+    if "prompt" in record or "completion" in record:
+        found.append("completion")
+    if "messages" in record:
+        found.append("chat")
+    if not found:
+        keys = ", ".join(sorted(record)) or "none"
+        raise DataError(f"{where}: no `text`, `prompt`/`completion` or `messages` field (keys: {keys})")
+    if len(found) > 1:
+        raise DataError(f"{where}: ambiguous record: it has fields of the {' and '.join(found)} formats")
+    return found[0]
+
+
+def detect_format(records: Sequence[dict], path: str | Path) -> str:
+    """``text``, ``completion`` or ``chat``; every record must share the first record's format."""
+    if not records:
+        raise DataError(f"{path}: the file holds no records (it is empty)")
+    fmt = _record_format(records[0], f"{path}:{_line_of(records, 0)}")
+    for i in range(1, len(records)):
+        where = f"{path}:{_line_of(records, i)}"
+        other = _record_format(records[i], where)
+        if other != fmt:
+            raise DataError(
+                f"{where}: a {other} record in a {fmt} file (format set by line {_line_of(records, 0)}); "
+                "one file must use one format"
+            )
+    return fmt
+
+
+def _check_record(record: dict, fmt: str, where: str) -> None:
+    def need_string(key: str, obj: dict = record, label: str | None = None) -> None:
+        label = label or f"`{key}`"
+        if key not in obj:
+            raise DataError(f"{where}: missing field {label}")
+        if not isinstance(obj[key], str):
+            raise DataError(f"{where}: {label} must be a string, got {_json_type(obj[key])}")
+        if not obj[key]:
+            raise DataError(f"{where}: {label} is empty")
+
+    if fmt == "text":
+        need_string("text")
+    elif fmt == "completion":
+        need_string("prompt")
+        need_string("completion")
+    else:
+        messages = record.get("messages")
+        if not isinstance(messages, list):
+            raise DataError(f"{where}: `messages` must be an array, got {_json_type(messages)}")
+        if not messages:
+            raise DataError(f"{where}: `messages` is empty")
+        for j, m in enumerate(messages):
+            label = f"messages[{j}]"
+            if not isinstance(m, dict):
+                raise DataError(f"{where}: {label} must be an object, got {_json_type(m)}")
+            if m.get("role") not in ROLES:
+                raise DataError(f"{where}: {label}.role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+            need_string("content", m, f"{label}.content")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: `messages` has no assistant turn, so nothing to learn from")
+
+
+# --------------------------------------------------------------------------------------------- encoding
+
+
+def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids the tokenizer puts before / after a text when adding special tokens (BOS, sometimes EOS)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return list(full[:i]), list(full[i + len(bare) :])
+    return [], []
+
+
+def _chat_loss_spans(messages, tokenizer, template, where) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered text and the character spans of assistant turns, for templates without generation markers.
+
+    Each span runs from the end of the conversation rendered up to that turn with ``add_generation_prompt``
+    to the end of the conversation rendered through that turn (content plus end marker, trailing whitespace
+    dropped). Templates that render earlier turns differently fall back to locating the content itself.
+    """
+
+    def render(msgs, generation_prompt):
+        return tokenizer.apply_chat_template(
+            msgs, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    text = render(messages, False)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        try:
+            head, through = render(messages[:i], True), render(messages[: i + 1], False)
+        except Exception:  # a template may refuse a partial conversation
+            head = through = ""
+        end = len(through.rstrip())
+        if head and text.startswith(head) and text.startswith(through) and end > len(head) >= cursor:
+            spans.append((len(head), end))
+            cursor = end
+            continue
+        start = text.find(m["content"], cursor)
+        if start < 0:
+            raise DataError(f"{where}: cannot locate assistant turn messages[{i}] in the rendered chat template")
+        cursor = start + len(m["content"])
+        spans.append((start, cursor))
+    return text, spans
+
+
+def _encode_chat(messages, tokenizer, template, mask_prompt, where) -> tuple[list[int], list[int]]:
+    if not mask_prompt:
+        ids = list(tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True)[
+            "input_ids"
+        ])
+        return ids, list(ids)
+    if _GENERATION_TAG.search(template):
+        out = tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids, mask = list(out["input_ids"]), out["assistant_masks"]
+        if any(mask):
+            return ids, [t if keep else IGNORE_INDEX for t, keep in zip(ids, mask)]
+    text, spans = _chat_loss_spans(messages, tokenizer, template, where)
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{where}: prompt masking for chat data needs a fast tokenizer or {{% generation %}} markers")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = list(enc["input_ids"]), []
+    for t, (s, e) in zip(ids, enc["offset_mapping"]):
+        inside = any(s < span_end and e > span_start for span_start, span_end in spans)
+        labels.append(t if inside else IGNORE_INDEX)
+    return ids, labels
+
+
+def encode_records(
+    records: Sequence[dict],
+    tokenizer,
+    fmt: str,
+    *,
+    max_length: int,
+    mask_prompt: bool = True,
+    chat_template: str | None = None,
+    source: str = "",
+) -> tuple[list[Sample], int]:
+    """Tokenize records of one format into samples; returns (samples, number truncated to ``max_length``)."""
+    source = source or getattr(records, "path", "<records>")
+    wheres = [f"{source}:{_line_of(records, i)}" for i in range(len(records))]
+    for record, where in zip(records, wheres):
+        _check_record(record, fmt, where)
+
+    pairs: list[tuple[list[int], list[int]]] = []
+    if fmt == "chat":
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise DataError(
+                f"{source}: chat data (`messages`) needs a chat template, but the tokenizer has none; "
+                "set data.chat_template"
+            )
+        for record, where in zip(records, wheres):
+            pairs.append(_encode_chat(record["messages"], tokenizer, template, mask_prompt, where))
+    elif fmt in ("text", "completion"):
+        prefix, suffix = _special_affixes(tokenizer)
+        eos = tokenizer.eos_token_id
+
+        def ending(body) -> list[int]:  # the body, the tokenizer's own suffix, then EOS unless already last
+            ids = list(body) + suffix
+            return ids + [eos] if eos is not None and ids[-1:] != [eos] else ids
+
+        key = "text" if fmt == "text" else "completion"
+        bodies = tokenizer([r[key] for r in records], add_special_tokens=False)["input_ids"]
+        if fmt == "text":
+            for body in bodies:
+                ids = prefix + ending(body)
+                pairs.append((ids, list(ids)))
+        else:
+            prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
+            for prompt, body in zip(prompts, bodies):
+                head, tail = prefix + list(prompt), ending(body)
+                head_labels = [IGNORE_INDEX] * len(head) if mask_prompt else list(head)
+                pairs.append((head + tail, head_labels + tail))
+    else:
+        raise ValueError(f"unknown data format {fmt!r} (expected text, completion or chat)")
+
+    samples, truncated = [], 0
+    for ids, labels in pairs:
+        if len(ids) > max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+            truncated += 1
+        samples.append(Sample(ids, labels))
+    return samples, truncated
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def _load_file(path: Path, cfg, tokenizer) -> tuple[list[Sample], int]:
+    records = read_jsonl(path)
+    fmt = detect_format(records, path)
+    return encode_records(
+        records, tokenizer, fmt, max_length=cfg.max_length, mask_prompt=cfg.mask_prompt,
+        chat_template=cfg.chat_template, source=str(path),
+    )
+
+
+def load_splits(cfg, tokenizer, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, valid) samples for a ``DataConfig``.
+
+    Paths: ``cfg.train`` / ``cfg.valid`` if set, else ``train.jsonl`` / ``valid.jsonl`` in ``cfg.dir``. Without
+    a validation file, ``valid_fraction`` of the train samples (at least one) is held out, chosen from ``seed``;
+    both splits keep file order. Truncations of both files are reported in one warning.
+    """
+    root = Path(cfg.dir) if cfg.dir else None
+    if cfg.train:
+        train_path = Path(cfg.train)
+    elif root is not None:
+        train_path = root / "train.jsonl"
+    else:
+        raise DataError("data: no training data; set data.dir (a directory with train.jsonl) or data.train")
+    if cfg.valid:
+        valid_path = Path(cfg.valid)
+    elif root is not None and (root / "valid.jsonl").is_file():
+        valid_path = root / "valid.jsonl"
+    else:
+        valid_path = None
+    if valid_path is None and cfg.valid_fraction <= 0:
+        raise DataError(
+            "data: no validation data; add valid.jsonl to data.dir, set data.valid, or set data.valid_fraction > 0"
+        )
+
+    train, n_train_cut = _load_file(train_path, cfg, tokenizer)
+    if valid_path is not None:
+        valid, n_valid_cut = _load_file(valid_path, cfg, tokenizer)
+    else:
+        n_valid = max(1, round(len(train) * cfg.valid_fraction))
+        if len(train) - n_valid < 1:
+            raise DataError(
+                f"{train_path}: {len(train)} record(s) are too few to hold out valid_fraction={cfg.valid_fraction}; "
+                "add a valid.jsonl or more records"
+            )
+        order = list(range(len(train)))
+        random.Random(f"nested-learning/valid-split/{seed}").shuffle(order)
+        held = set(order[:n_valid])
+        valid = [s for i, s in enumerate(train) if i in held]
+        train = [s for i, s in enumerate(train) if i not in held]
+        n_valid_cut = 0
+    cut = n_train_cut + n_valid_cut
+    if cut:
+        logger.warning(
+            "truncated %d of %d samples to data.max_length=%d tokens (%s: %d, %s: %d)",
+            cut, len(train) + len(valid), cfg.max_length,
+            train_path.name, n_train_cut, valid_path.name if valid_path else "valid split", n_valid_cut,
+        )
+    return train, valid
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """One micro-batch. ``labels`` are unshifted (position t is predicted from tokens < t), -100 = no loss.
+
+    Padded layout: ``attention_mask`` (B, T) marks real tokens, ``position_ids`` is None.
+    Packed layout: ``attention_mask`` is None and ``position_ids`` restart at 0 for each sample (the padding
+    at the end of a row is its own short sequence with labels -100); transformers turns this into a
+    block-diagonal causal mask, which it does only when no attention mask and no KV cache are passed.
+    """
+
+    input_ids: torch.Tensor  # (B, T) long
+    labels: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    num_tokens: int  # real (non-pad) tokens
+    num_loss_tokens: int  # labels[:, 1:] != -100: the tokens a next-token loss is computed on
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        device = torch.device(device)
+        pin = non_blocking and device.type == "cuda" and torch.cuda.is_available()
+
+        def move(t):
+            if t is None:
+                return None
+            if pin and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=non_blocking)
+
+        return replace(
+            self, input_ids=move(self.input_ids), labels=move(self.labels),
+            attention_mask=move(self.attention_mask), position_ids=move(self.position_ids),
+        )
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model(**inputs)``: ids, mask or position ids, and ``use_cache=False``.
+
+        ``use_cache=False`` matters beyond memory: with a cache, transformers ignores packed position ids.
+        Labels are not included; compute the loss from the logits and ``self.labels``.
+        """
+        inputs: dict[str, Any] = {"input_ids": self.input_ids, "use_cache": False}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+        return inputs
+
+    def flattened(self) -> "Batch":
+        """A packed batch as one (1, B*T) row: what flash-attention's varlen path needs (it reads sequence
+        boundaries from ``position_ids`` only when the batch has a single row). Same loss as ``self``."""
+        if self.position_ids is None:
+            raise ValueError("flattened() needs a packed batch (position_ids), not a padded one")
+        return replace(
+            self, input_ids=self.input_ids.reshape(1, -1), labels=self.labels.reshape(1, -1),
+            position_ids=self.position_ids.reshape(1, -1),
+        )
+
+
+def _next_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Split positions 0..n-1, in order, into rows whose lengths sum to <= capacity, starting a row only when
+    the next sample does not fit. No split of the sequence into contiguous rows uses fewer rows."""
+    rows: list[list[int]] = []
+    room = 0
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            raise ValueError(f"a sample of {n} tokens does not fit a packed row of max_length={capacity}")
+        if not rows or n > room:
+            rows.append([])
+            room = capacity
+        rows[-1].append(i)
+        room -= n
+    return rows
+
+
+def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, max_length: int | None = None) -> Batch:
+    """Samples -> ``Batch``, right-padded with ``pad_id`` (labels -100 at padding).
+
+    ``packing=True``: samples are laid, in order, into as few rows of <= ``max_length`` tokens as possible;
+    T is the longest row. Each sample's ``position_ids`` start at 0 and its first label is -100 (it has
+    no in-sample predecessor), so the summed loss equals the padded layout's on the same samples.
+    """
+    if not samples:
+        raise ValueError("collate: no samples")
+    if packing:
+        if max_length is None:
+            raise ValueError("collate: packing needs max_length")
+        groups = [[samples[i] for i in row] for row in _next_fit([len(s) for s in samples], max_length)]
+    else:
+        groups = [[s] for s in samples]
+
+    width = max(sum(len(s) for s in g) for g in groups)
+    ids_rows, label_rows, pos_rows = [], [], []
+    for group in groups:
+        ids, labels, pos = [], [], []
+        for s in group:
+            ids += s.input_ids
+            labels += s.labels
+            if packing and len(s):
+                labels[len(labels) - len(s)] = IGNORE_INDEX  # not predicted from the previous sample
+                pos += range(len(s))
+        pad = width - len(ids)
+        ids_rows.append(ids + [pad_id] * pad)
+        label_rows.append(labels + [IGNORE_INDEX] * pad)
+        if packing:
+            pos_rows.append(pos + list(range(pad)))  # the padding tail is a sequence of its own
+
+    input_ids = torch.tensor(ids_rows, dtype=torch.long)  # (B, T)
+    labels = torch.tensor(label_rows, dtype=torch.long)  # (B, T)
+    if packing:
+        attention_mask, position_ids = None, torch.tensor(pos_rows, dtype=torch.long)
+    else:
+        lengths = torch.tensor([len(s) for s in samples])
+        attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, T)
+        position_ids = None
+    return Batch(
+        input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
+        num_tokens=sum(len(s) for s in samples), num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+    )
+
+
+def _best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Sample indices grouped into rows of <= capacity tokens: longest first, each into the fullest row it fits."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, row index)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"sample {i} has {n} tokens, more than max_length={capacity}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            rows.append([])
+            room, r = capacity, len(rows) - 1
+        rows[r].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+class BatchPlan:
+    """Which samples form each micro-batch of an epoch: a pure function of (seed, epoch).
+
+    Padded mode: ``batch_size`` samples per micro-batch (the last may be smaller). Shuffled each epoch; with
+    ``group_by_length`` the shuffled order is cut into chunks of ``GROUP_CHUNK_BATCHES`` micro-batches,
+    each chunk sorted by length so its micro-batches hold similar lengths, and the micro-batch order is
+    shuffled again.
+
+    Packing mode: ``batch_size`` counts packed rows of ``max_length`` tokens, so a micro-batch holds up to
+    ``batch_size * max_length`` real tokens whatever the sample lengths. Samples are packed into rows once
+    (best-fit decreasing, independent of seed and epoch, which keeps ``len(plan)`` fixed); each epoch
+    shuffles the rows and takes ``batch_size`` rows per micro-batch. ``group_by_length`` has no effect.
+    ``collate(..., packing=True)`` on a micro-batch's samples rebuilds at most ``batch_size`` rows.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        group_by_length: bool = True,
+        packing: bool = False,
+        max_length: int | None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not samples:
+            raise DataError("no samples to batch")
+        if packing and max_length is None:
+            raise ValueError("BatchPlan: packing needs max_length")
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.group_by_length, self.packing, self.max_length = group_by_length, packing, max_length
+        self.lengths = [len(s) for s in samples]
+        self.rows = _best_fit_decreasing(self.lengths, max_length) if packing else None
+        units = len(self.rows) if packing else len(self.lengths)
+        self._len = math.ceil(units / batch_size)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def epoch(self, e: int) -> list[list[int]]:
+        rng = random.Random(f"nested-learning/batches/{self.seed}/{e}")
+        bs = self.batch_size
+        if self.packing:
+            rows = list(self.rows)
+            if self.shuffle:
+                rng.shuffle(rows)
+            return [[i for row in rows[k : k + bs] for i in row] for k in range(0, len(rows), bs)]
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.group_by_length:
+            chunk = bs * GROUP_CHUNK_BATCHES
+            order = [
+                i for c in range(0, len(order), chunk)
+                for i in sorted(order[c : c + chunk], key=lambda i: -self.lengths[i])
+            ]
+        batches = [order[k : k + bs] for k in range(0, len(order), bs)]
+        if self.shuffle and self.group_by_length:
+            rng.shuffle(batches)
+        return batches
+
+
+def iterate_batches(samples: Sequence[Sample], plan: BatchPlan, pad_id: int, *, start: int = 0) -> Iterator[Batch]:
+    """Endless micro-batches following ``plan``, epoch after epoch, beginning at global micro-batch ``start``.
+
+    Micro-batch ``k`` is always micro-batch ``k % len(plan)`` of epoch ``k // len(plan)``, so resuming with
+    ``start=k`` yields exactly what an uninterrupted run yields from its ``k``-th micro-batch on.
+    """
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    epoch, offset = divmod(start, len(plan))
+    while True:
+        for indices in plan.epoch(epoch)[offset:]:
+            yield collate([samples[i] for i in indices], pad_id, packing=plan.packing, max_length=plan.max_length)
+        epoch, offset = epoch + 1, 0
