@@ -1,0 +1,3 @@
+from nested_learning.service import main
+
+raise SystemExit(main())

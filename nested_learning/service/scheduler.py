@@ -1,0 +1,204 @@
+"""Starts queued jobs in worker processes and notices when they end.
+
+One slot per GPU (the worker sees only its own through ``CUDA_VISIBLE_DEVICES``), one slot on a machine with
+none. Jobs start in the order they were queued. A worker that exits while its job still reads ``running``
+died without a word (a crash, SIGKILL, the OOM killer): the job becomes ``failed`` with the exit code or signal.
+
+On start, ``recover()`` looks at every job the store says is running: a worker still alive (the server
+restarted under it) is watched by its pid until it exits; a job whose worker is gone becomes ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def detect_gpus() -> list[str]:
+    """GPU ids for the slots: ``CUDA_VISIBLE_DEVICES`` when set, else ``nvidia-smi -L``; no torch import."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+            return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+        except (OSError, subprocess.SubprocessError):
+            return []
+    return []
+
+
+def worker_alive(pid: int | None, job_id: str) -> bool:
+    """Is ``pid`` a live worker of ``job_id``? (/proc guards against a recycled pid on Linux.)"""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"nested_learning.service.worker" in args and job_id.encode() in args
+    return True
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "worker exited without recording a final status"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"worker killed by {name}"
+    return f"worker exited with code {code} without recording a final status"
+
+
+@dataclass
+class _Run:
+    job_id: str
+    slot: str
+    pid: int
+    proc: subprocess.Popen | None  # None: adopted from a previous server, watched by pid
+
+
+class Scheduler:
+    def __init__(self, store, workdir: Path, gpus: list[str] | None = None, poll_s: float = 0.5,
+                 env: dict[str, str] | None = None):
+        self.store = store
+        self.workdir = Path(workdir)
+        self.gpus = detect_gpus() if gpus is None else list(gpus)
+        self.slots = self.gpus or ["cpu"]
+        self.poll_s = poll_s
+        self.env = env
+        self.runs: dict[str, _Run] = {}
+        self._wake = threading.Event()
+        self._halt = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="nl-scheduler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, signal_workers: bool = True) -> None:
+        """Stop scheduling; ask our workers to checkpoint and end ``interrupted`` (they do so on SIGTERM)."""
+        self._halt.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if signal_workers:
+            with self._lock:
+                for run in self.runs.values():
+                    if worker_alive(run.pid, run.job_id):
+                        try:
+                            os.kill(run.pid, signal.SIGTERM)
+                        except OSError:
+                            pass
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def recover(self) -> None:
+        for job in self.store.list_jobs("running"):
+            if worker_alive(job["worker_pid"], job["id"]):
+                self.runs[job["id"]] = _Run(job["id"], job["gpu"] or "cpu", job["worker_pid"], None)
+            else:
+                self.store.transition(job["id"], ["running"], "interrupted", ended_at=time.time(),
+                                      error="the worker was gone when the server started; resume to continue")
+
+    def request_stop(self, job_id: str) -> None:
+        """Flag in the store (seen within a poll) and SIGUSR1 to the worker (seen at once)."""
+        self.store.update(job_id, stop_requested=1)
+        with self._lock:
+            run = self.runs.get(job_id)
+        if run is not None and worker_alive(run.pid, job_id):
+            try:
+                os.kill(run.pid, signal.SIGUSR1)
+            except OSError:
+                pass
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self._reap()
+                self._launch()
+            except Exception as exc:  # a store hiccup must not end scheduling
+                print(f"[scheduler] {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def _reap(self) -> None:
+        with self._lock:
+            runs = list(self.runs.values())
+        for run in runs:
+            if run.proc is not None:
+                code = run.proc.poll()
+                if code is None:
+                    continue
+            else:
+                if worker_alive(run.pid, run.job_id):
+                    continue
+                code = None
+            with self._lock:
+                self.runs.pop(run.job_id, None)
+            job = self.store.get_job(run.job_id)
+            if job is not None and job["status"] == "running":
+                self.store.transition(run.job_id, ["running"], "failed", error=describe_exit(code),
+                                      ended_at=time.time())
+
+    def _launch(self) -> None:
+        if self._halt.is_set():
+            return
+        with self._lock:
+            busy = {r.slot for r in self.runs.values()}
+        for slot in self.slots:
+            if slot in busy:
+                continue
+            queued = self.store.list_jobs("queued")
+            if not queued:
+                return
+            job = queued[0]
+            if not self.store.transition(job["id"], ["queued"], "running", started_at=time.time(), ended_at=None,
+                                         gpu=None if slot == "cpu" else slot, runs=job["runs"] + 1, error=None):
+                continue  # stopped or deleted in between
+            self._spawn(job, slot)
+
+    def _spawn(self, job: dict, slot: str) -> None:
+        log_dir = self.workdir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{job['id']}.log"
+        env = dict(os.environ if self.env is None else self.env)
+        env["CUDA_VISIBLE_DEVICES"] = "" if slot == "cpu" else slot
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        cmd = [sys.executable, "-m", "nested_learning.service.worker", job["id"], "--db", self.store.url]
+        try:
+            with open(log_path, "ab") as log:
+                log.write(f"=== run {job['runs'] + 1} on {slot} at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
+                log.flush()
+                # Own session: a Ctrl-C at the server's terminal reaches the server, which then stops workers cleanly.
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, cwd=str(self.workdir), start_new_session=True)
+        except OSError as exc:
+            self.store.transition(job["id"], ["running"], "failed", error=f"could not start worker: {exc}",
+                                  ended_at=time.time())
+            return
+        with self._lock:
+            self.runs[job["id"]] = _Run(job["id"], slot, proc.pid, proc)
+        self.store.update(job["id"], worker_pid=proc.pid, log_path=str(log_path))

@@ -1,0 +1,238 @@
+"""The job store: every job's record, state and metrics, shared by the server and its worker processes.
+
+SQLite in WAL mode is the embedded default: the server and each worker open their own connection, readers
+never block the one writer, and a record survives any crash of either. ``open_store(url)`` is the only
+constructor callers use, so a PostgreSQL store can follow behind the same methods.
+
+Times are UNIX seconds (float). ``state_json`` holds the trainer's latest ``TrainerState.to_dict()``;
+``metrics`` holds one row per training step (``kind="train"``) and per evaluation (``kind="eval"``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+STATUSES = ("queued", "running", "completed", "stopped", "failed", "interrupted")
+FINAL = ("completed", "stopped", "failed", "interrupted")
+RESUMABLE = ("stopped", "interrupted", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    name TEXT,
+    status TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    worker_pid INTEGER,
+    error TEXT,
+    state_json TEXT,
+    output_dir TEXT NOT NULL,
+    log_path TEXT,
+    gpu TEXT,
+    stop_requested INTEGER NOT NULL DEFAULT 0,
+    resume INTEGER NOT NULL DEFAULT 0,
+    runs INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE TABLE IF NOT EXISTS metrics (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    time REAL NOT NULL,
+    json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_job ON metrics(job_id, seq);
+"""
+
+# Columns a caller may set through update(); the rest are managed by the methods below.
+_UPDATABLE = {"name", "status", "started_at", "ended_at", "worker_pid", "error", "state_json", "log_path", "gpu",
+              "stop_requested", "resume", "runs", "config_json", "output_dir"}
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def open_store(url: str | Path) -> "SQLiteStore":
+    """``sqlite:////abs/path.db``, ``sqlite:///rel.db`` or a plain file path. ``postgresql://`` is not built yet."""
+    text = str(url)
+    if text.startswith(("postgres://", "postgresql://")):
+        raise StoreError("PostgreSQL stores are not implemented yet; use a SQLite path (sqlite:///jobs.db)")
+    if text.startswith("sqlite:///"):
+        text = text.removeprefix("sqlite:///")  # sqlite:////abs/path keeps its leading slash
+    elif "://" in text:
+        raise StoreError(f"unsupported store URL {text!r}: expected a SQLite path or sqlite:///PATH")
+    return SQLiteStore(Path(text))
+
+
+class SQLiteStore:
+    """One connection per thread (sqlite3 connections must not cross threads); WAL; 30 s busy timeout."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path).expanduser().resolve()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._conn().executescript(_SCHEMA)
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection):
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _tx(self) -> "SQLiteStore._Tx":
+        return SQLiteStore._Tx(self._conn())
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # ---- jobs -----------------------------------------------------------------------------------------------
+    def create_job(self, config_json: str, output_dir: str, name: str | None = None, job_id: str | None = None) -> str:
+        job_id = job_id or uuid.uuid4().hex[:12]
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (id, name, status, config_json, created_at, output_dir) VALUES (?,?,?,?,?,?)",
+                (job_id, name, "queued", config_json, time.time(), output_dir),
+            )
+        return job_id
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def list_jobs(self, status: str | Iterable[str] | None = None) -> list[dict[str, Any]]:
+        if status is None:
+            rows = self._conn().execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+        else:
+            wanted = [status] if isinstance(status, str) else list(status)
+            marks = ",".join("?" * len(wanted))
+            rows = self._conn().execute(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq", wanted).fetchall()
+        return [_job(r) for r in rows]
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        bad = set(fields) - _UPDATABLE
+        if bad:
+            raise StoreError(f"cannot update {sorted(bad)}")
+        if not fields:
+            return
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def transition(self, job_id: str, allowed_from: Iterable[str], to: str, **fields: Any) -> bool:
+        """Set ``status = to`` (and ``fields``) only if the current status is in ``allowed_from``; atomic."""
+        bad = set(fields) - _UPDATABLE
+        if bad:
+            raise StoreError(f"cannot update {sorted(bad)}")
+        allowed = list(allowed_from)
+        cols = ", ".join(["status = ?", *(f"{k} = ?" for k in fields)])
+        marks = ",".join("?" * len(allowed))
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET {cols} WHERE id = ? AND status IN ({marks})",
+                (to, *fields.values(), job_id, *allowed),
+            )
+            return cur.rowcount == 1
+
+    def delete_job(self, job_id: str) -> bool:
+        with self._tx() as db:
+            db.execute("DELETE FROM metrics WHERE job_id = ?", (job_id,))
+            return db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount == 1
+
+    # ---- metrics --------------------------------------------------------------------------------------------
+    def add_metric(self, job_id: str, step: int, kind: str, data: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO metrics (job_id, step, kind, time, json) VALUES (?,?,?,?,?)",
+                (job_id, int(step), kind, time.time(), json.dumps(data, default=_json_default)),
+            )
+
+    def save_progress(self, job_id: str, state: dict[str, Any], metric: tuple[int, str, dict] | None = None) -> None:
+        """The worker's per-step write: the state and (optionally) one metrics row in one transaction."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state_json = ? WHERE id = ?", (json.dumps(state, default=_json_default), job_id))
+            if metric is not None:
+                step, kind, data = metric
+                db.execute(
+                    "INSERT INTO metrics (job_id, step, kind, time, json) VALUES (?,?,?,?,?)",
+                    (job_id, int(step), kind, now, json.dumps(data, default=_json_default)),
+                )
+
+    def truncate_metrics(self, job_id: str, after_step: int) -> None:
+        """Drop step/eval rows past ``after_step``: a resumed run redoes those steps."""
+        with self._tx() as db:
+            db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, int(after_step)))
+
+    def metrics(self, job_id: str, since_step: int | None = None, after_seq: int | None = None,
+                kind: str | None = None, limit: int = 100_000) -> list[dict[str, Any]]:
+        sql = "SELECT seq, step, kind, time, json FROM metrics WHERE job_id = ?"
+        args: list[Any] = [job_id]
+        if since_step is not None:
+            sql += " AND step > ?"
+            args.append(since_step)
+        if after_seq is not None:
+            sql += " AND seq > ?"
+            args.append(after_seq)
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        out = []
+        for row in self._conn().execute(sql, args).fetchall():
+            rec = json.loads(row["json"])
+            rec.update(step=row["step"], kind=row["kind"], time=row["time"], seq=row["seq"])
+            out.append(rec)
+        return out
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def _job(row: sqlite3.Row) -> dict[str, Any]:
+    job = dict(row)
+    job["stop_requested"] = bool(job["stop_requested"])
+    job["resume"] = bool(job["resume"])
+    job["state"] = json.loads(job.pop("state_json") or "{}")
+    return job

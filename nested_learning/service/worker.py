@@ -1,0 +1,174 @@
+"""One job, one process: ``python -m nested_learning.service.worker JOB_ID --db URL``.
+
+The scheduler starts this with the job already marked ``running``. It reads the validated config from the
+store, runs ``run_training`` with a callback that writes the trainer's state and one metrics row per step and
+evaluation, and records the final status. Stop arrives three ways, all ending in the trainer's ``stop_event``
+(the current step finishes, a checkpoint is saved):
+
+- the user: ``stop_requested`` in the store, or SIGUSR1 from the server (immediate) → ``stopped``;
+- the server going away: SIGTERM on a clean shutdown, or this process being re-parented after a crash
+  → ``interrupted`` (resumable from the checkpoint just written).
+
+An exception is recorded as ``failed`` with its message; the traceback goes to the job's log.
+``NL_WORKER_STEP_DELAY`` (seconds) slows every step down, for demos and tests that must catch a job mid-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from nested_learning.config import TrainConfig
+from nested_learning.service.store import open_store
+
+
+class StopSignal:
+    """Why the trainer was asked to stop (first reason wins) and the last step the worker had seen then."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason: str | None = None
+        self.seen_step: int | None = None
+        self.last_step = 0
+
+    def set(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.seen_step = self.last_step
+        self.event.set()
+
+
+def _state_dict(state: Any) -> dict[str, Any]:
+    d = state.to_dict() if hasattr(state, "to_dict") else dict(vars(state))
+    return json.loads(json.dumps(d, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+class StoreCallback:
+    """Writes progress to the store; all five Callback hooks of the trainer contract."""
+
+    def __init__(self, store, job_id: str, stop: StopSignal, step_delay: float = 0.0):
+        self.store = store
+        self.job_id = job_id
+        self.stop = stop
+        self.step_delay = step_delay
+
+    def _state(self, state: Any) -> dict[str, Any]:
+        d = _state_dict(state)
+        if self.stop.seen_step is not None:
+            d["stop_seen_at_step"] = self.stop.seen_step
+        return d
+
+    def on_start(self, state: Any) -> None:
+        # A resumed run redoes the steps after its checkpoint: drop their old rows so the charts stay single.
+        self.stop.last_step = int(state.step or 0)
+        self.store.truncate_metrics(self.job_id, int(state.step or 0))
+        self.store.save_progress(self.job_id, self._state(state))
+
+    def on_step(self, state: Any) -> None:
+        self.stop.last_step = int(state.step)
+        row = {
+            "train_loss": state.train_loss,
+            "lr": state.lr,
+            "grad_norm": state.grad_norm,
+            "tokens_per_sec": state.tokens_per_sec,
+            "eta_s": state.eta_s,
+            "tier_updates": [t.get("updates") for t in (state.tier_stats or [])],
+        }
+        self.store.save_progress(self.job_id, self._state(state), (state.step, "train", row))
+        if self.step_delay:
+            time.sleep(self.step_delay)
+
+    def on_eval(self, state: Any) -> None:
+        row = {"val_loss": state.val_loss, "best_val_loss": state.best_val_loss}
+        self.store.save_progress(self.job_id, self._state(state), (state.step, "eval", row))
+
+    def on_checkpoint(self, state: Any, path: Any) -> None:
+        self.store.save_progress(self.job_id, self._state(state), (state.step, "checkpoint", {"path": str(path)}))
+
+    def on_end(self, state: Any) -> None:
+        self.store.save_progress(self.job_id, self._state(state))
+
+
+def _watch(store, job_id: str, stop: StopSignal, parent: int, poll: float = 0.5) -> None:
+    while not stop.event.is_set():
+        if os.getppid() != parent:
+            stop.set("server")
+            return
+        try:
+            job = store.get_job(job_id)
+        except Exception:  # a locked or vanished store must not kill the run; the next poll retries
+            job = {}
+        if job is None or (job and job["stop_requested"]):
+            stop.set("user")
+            return
+        time.sleep(poll)
+
+
+def _has_checkpoint(output_dir: str) -> bool:
+    try:
+        from nested_learning.checkpoint import list_checkpoints
+
+        return bool(list_checkpoints(output_dir))
+    except Exception:
+        return False
+
+
+def run_job(db: str, job_id: str) -> int:
+    store = open_store(db)
+    job = store.get_job(job_id)
+    if job is None:
+        print(f"job {job_id} not found in {db}", file=sys.stderr)
+        return 2
+    stop = StopSignal()
+    signal.signal(signal.SIGUSR1, lambda *_: stop.set("user"))
+    signal.signal(signal.SIGTERM, lambda *_: stop.set("server"))
+    signal.signal(signal.SIGINT, lambda *_: stop.set("server"))
+    store.update(job_id, worker_pid=os.getpid())
+    print(f"[worker] job {job_id} pid {os.getpid()} run {job['runs']} resume={job['resume']}", flush=True)
+    threading.Thread(target=_watch, args=(store, job_id, stop, os.getppid()), daemon=True).start()
+    try:
+        cfg = TrainConfig.model_validate_json(job["config_json"])
+        resume = None
+        if job["resume"]:
+            resume = "auto"
+            if not _has_checkpoint(cfg.output.dir):
+                # Nothing to resume from: start afresh in the job's own directory (it may hold partial output).
+                cfg.output.overwrite = True
+        from nested_learning.trainer import run_training
+
+        delay = float(os.environ.get("NL_WORKER_STEP_DELAY", "0") or 0)
+        state = run_training(cfg, [StoreCallback(store, job_id, stop, delay)], stop_event=stop.event, resume=resume)
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the job record
+        traceback.print_exc()
+        message = f"{type(exc).__name__}: {exc}".strip()
+        store.transition(job_id, ["running"], "failed", error=message, ended_at=time.time())
+        return 1
+    status = getattr(state, "status", "completed")
+    if status == "stopped" and stop.reason == "server":
+        status = "interrupted"
+    error = getattr(state, "error", None) if status == "failed" else None
+    if status == "interrupted":
+        error = "the server went away; resume to continue from the last checkpoint"
+    store.save_progress(job_id, {**_state_dict(state), "stop_seen_at_step": stop.seen_step})
+    store.transition(job_id, ["running"], status, ended_at=time.time(), error=error, stop_requested=0)
+    print(f"[worker] job {job_id} ended {status} at step {getattr(state, 'step', '?')}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nested_learning.service.worker")
+    parser.add_argument("job_id")
+    parser.add_argument("--db", required=True, help="store URL or SQLite path")
+    args = parser.parse_args(argv)
+    return run_job(args.db, args.job_id)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
