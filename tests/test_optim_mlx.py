@@ -449,6 +449,12 @@ def test_flush_updates_model_in_place():
     changed = {n for n in before if not np.array_equal(before[n], after[n])}
     assert changed == {n for n, k in opt.tier_map.items() if k in (1, 2)} == set(dict(tree_flatten(updated)))
     assert opt.flush(model) == {}  # nothing left
+    model = TinyLM(seed=3)
+    opt = MlxNestedAdamW(1e-2, periods=PERIODS, flush_on_end=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnmappedParametersWarning)
+        _train(model, opt, _batches(5))
+    assert opt.finish(model) == {} and opt.tier_stats()[2]["pending"] == 1
 
 
 def test_validation_and_state_mismatch():

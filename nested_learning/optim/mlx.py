@@ -431,6 +431,10 @@ class NestedAdamW(Optimizer):
         mx.eval(self.state, [a for _, a in flushed])
         return tree
 
+    def finish(self, model: Union[nn.Module, dict]) -> dict:
+        """End of training: :meth:`flush` unless ``flush_on_end`` is False (as the torch optimizer)."""
+        return self.flush(model) if self.flush_on_end else {}
+
     @property
     def tier_map(self) -> dict[str, int]:
         """Flattened parameter name -> tier index (known after :meth:`init` or the first update)."""
