@@ -1,0 +1,339 @@
+"""``nested-learning``: train, eval, generate, merge, demo (and ``serve`` when the service is installed).
+
+Every subcommand reports a bad input as one ``error: ...`` line naming the field, file or line, exit code 2;
+a training failure (non-finite loss) exits 1. Printing lives here, as trainer callbacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from nested_learning.trainer import Callback, TrainerState
+
+log = logging.getLogger("nested_learning")
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def _eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _step_line(s: TrainerState) -> str:
+    loss = f"{s.train_loss:.4f}" if s.train_loss is not None else "?"
+    tps = f"{s.tokens_per_sec:,.0f}" if s.tokens_per_sec else "?"
+    return f"loss {loss}  lr {s.lr:.2e}  {tps} tok/s  ETA {_eta(s.eta_s)}"
+
+
+class LogLines(Callback):
+    """``--quiet``: plain log lines, one per logged step and eval."""
+
+    def __init__(self, every: int = 1):
+        self.every = every
+
+    def on_start(self, state):
+        log.info("tier plan:\n%s", state.tier_plan)
+        log.info("training %d steps -> %s", state.total_steps, state.output_dir)
+
+    def on_step(self, state):
+        if state.step % self.every == 0 or state.step == state.total_steps:
+            log.info("step %d/%d  %s", state.step, state.total_steps, _step_line(state))
+
+    def on_eval(self, state):
+        log.info("step %d  val_loss %.4f  val_ppl %.2f", state.step, state.val_loss, state.val_ppl)
+
+    def on_checkpoint(self, state, path):
+        log.info("checkpoint %s", path)
+
+    def on_end(self, state):
+        log.info("%s at step %d%s", state.status, state.step, f": {state.error}" if state.error else "")
+
+
+class RichProgress(LogLines):
+    """A progress bar with loss, lr, tokens/s and ETA; evals and checkpoints print above it."""
+
+    def __init__(self, console):
+        super().__init__()
+        self.console, self.progress, self.task = console, None, None
+
+    def on_start(self, state):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.console.print(state.tier_plan)
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.total_steps, completed=state.step, info="")
+
+    def on_step(self, state):
+        self.progress.update(self.task, completed=state.step, info=_step_line(state))
+
+    def on_eval(self, state):
+        self.console.print(f"step {state.step}: val_loss {state.val_loss:.4f}  val_ppl {state.val_ppl:.2f}")
+
+    def on_checkpoint(self, state, path):
+        self.console.print(f"[dim]checkpoint {path}[/dim]")
+
+    def on_end(self, state):
+        if self.progress is not None:
+            self.progress.stop()
+        super().on_end(state)
+
+
+def _setup_logging(quiet: bool):
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    root = logging.getLogger("nested_learning")
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    if quiet:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    else:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=console, show_path=False, show_time=False)
+    root.addHandler(handler)
+    root.propagate = False
+    return console
+
+
+def _progress_callback(quiet: bool, console, every: int = 1) -> Callback:
+    return LogLines(every) if quiet or not console.is_terminal else RichProgress(console)
+
+
+class _Signals:
+    """SIGINT/SIGTERM ask the run to stop after the current step (and save); a second Ctrl-C aborts."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop, self.saved = stop, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop.set()
+        log.warning("stop requested: finishing the current step and saving (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _help_config() -> str:
+    from nested_learning.config import TrainConfig
+
+    lines = []
+
+    def walk(model_cls, prefix: str) -> None:
+        for name, f in model_cls.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = f.get_default(call_default_factory=True)
+            lines.append(f"{prefix}{name} = {json.dumps(default, default=str)}\n    {f.description or ''}")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    from nested_learning.config import load_config
+    from nested_learning.trainer import run_training
+
+    if args.help_config:
+        print(_help_config())
+        return 0
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"output.dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    console = _setup_logging(args.quiet)
+    stop = threading.Event()
+    with _Signals(stop):
+        state = run_training(cfg, [_progress_callback(args.quiet, console, cfg.output.log_every)], stop, args.resume)
+    print(json.dumps({"status": state.status, "step": state.step, "val_loss": state.val_loss,
+                      "best_val_loss": state.best_val_loss, "checkpoint": state.last_checkpoint}))
+    return 0
+
+
+def _eval_samples(path: str, tokenizer, max_length: int, mask_prompt: bool, chat_template: str | None):
+    from nested_learning.data import DataError, detect_format, encode_records, read_jsonl
+
+    records = read_jsonl(path)
+    if not records:
+        raise DataError(f"{path}: no records")
+    fmt = detect_format(records, path)
+    samples, _ = encode_records(records, tokenizer, fmt, max_length=max_length, mask_prompt=mask_prompt,
+                                chat_template=chat_template, source=str(path))
+    return samples
+
+
+def cmd_eval(args) -> int:
+    from nested_learning.evaluate import evaluate_loss
+    from nested_learning.generate import load_for_inference
+
+    _setup_logging(True)
+    model, tokenizer = load_for_inference(adapter=args.adapter, base=args.model, device=args.device)
+    samples = _eval_samples(args.data, tokenizer, args.max_length, not args.no_mask_prompt, None)
+    device = next(model.parameters()).device
+    res = evaluate_loss(model, samples, tokenizer.pad_token_id, batch_size=args.batch_size, device=device)
+    res.update(samples=len(samples), data=args.data, adapter=args.adapter, model=args.model)
+    print(json.dumps(res))
+    return 0
+
+
+def _parse_messages(text: str) -> list[dict[str, Any]]:
+    from nested_learning.config import ConfigError
+
+    raw = Path(text[1:]).read_text() if text.startswith("@") else text
+    try:
+        messages = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--messages: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if isinstance(messages, dict) and "messages" in messages:
+        messages = messages["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in messages):
+        raise ConfigError('--messages: expected a list of {"role": ..., "content": ...} objects')
+    return messages
+
+
+def cmd_generate(args) -> int:
+    from nested_learning.config import ConfigError
+    from nested_learning.generate import generate_text, load_for_inference
+
+    if (args.prompt is None) == (args.messages is None):
+        raise ConfigError("generate: give exactly one of --prompt or --messages")
+    messages = _parse_messages(args.messages) if args.messages is not None else None
+    _setup_logging(True)
+    model, tokenizer = load_for_inference(adapter=args.adapter, base=args.model, device=args.device)
+    pieces = generate_text(model, tokenizer, prompt=args.prompt, messages=messages,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                           stream=True)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from nested_learning.merge import merge_adapter
+
+    _setup_logging(True)
+    out = merge_adapter(args.adapter, args.out, base=args.model, device=args.device, overwrite=args.overwrite)
+    print(json.dumps({"merged": str(out)}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from nested_learning.demo import run_demo
+
+    console = _setup_logging(args.quiet)
+    res = run_demo(args.out, args.steps, [_progress_callback(args.quiet, console, 10)], overwrite=args.overwrite)
+    console.print(f"prompt: {res['prompt']!r}")
+    console.print(f"before training: {res['before']!r}")
+    console.print(f"after training:  {res['after']!r}")
+    console.print(f"val loss {res['val_loss_before']:.4f} -> {res['val_loss_after']:.4f} in {res['steps']} steps "
+                  f"({res['train_seconds']:.0f} s); adapter: {res['adapter']}")
+    print(json.dumps({k: res[k] for k in ("status", "steps", "val_loss_before", "val_loss_after", "train_seconds",
+                                          "before", "after", "adapter")}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nested-learning", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune with LoRA and nested tiers")
+    t.add_argument("config", nargs="?", help="YAML config (every field optional; see --help-config)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. optim.lr=1e-4")
+    t.add_argument("--out", help="shorthand for --set output.dir=DIR")
+    t.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint dir, or `auto` (latest in output.dir)")
+    t.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    t.add_argument("--help-config", action="store_true", help="list every config field with its default")
+    t.set_defaults(func=cmd_train)
+
+    def source_args(q):
+        q.add_argument("--adapter", help="checkpoint directory (its config.yaml names the base model)")
+        q.add_argument("--model", help="base model: hub id, local dir or embedded:<name> (overrides the adapter's)")
+        q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+    e = sub.add_parser("eval", help="loss and perplexity of a base model or adapter on a JSONL file")
+    source_args(e)
+    e.add_argument("--data", required=True, help="JSONL file (text, prompt/completion or messages)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-length", type=int, default=1024)
+    e.add_argument("--no-mask-prompt", action="store_true", help="count prompt tokens in the loss too")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="stream a completion for a prompt or a chat")
+    source_args(g)
+    g.add_argument("--prompt", help="plain text prompt")
+    g.add_argument("--messages", help='chat as JSON ([{"role": "user", "content": "..."}]) or @file.json')
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("merge", help="merge an adapter into a full Hugging Face model directory")
+    m.add_argument("--adapter", required=True, help="checkpoint directory")
+    m.add_argument("--out", required=True, help="new model directory")
+    m.add_argument("--model", help="base model (default: the one the adapter's config.yaml names)")
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m.set_defaults(func=cmd_merge)
+
+    d = sub.add_parser("demo", help="train the embedded tiny model on generated data (CPU, no download)")
+    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--out", default="runs/demo", help="demo directory (data/ and run/ inside)")
+    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--overwrite", action="store_true", help="rerun into an existing demo directory")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nested_learning.checkpoint import CheckpointError
+    from nested_learning.config import ConfigError
+    from nested_learning.trainer import TrainingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        # ValueError covers DataError and ModelError: bad input, already phrased for the user
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
