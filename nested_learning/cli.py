@@ -312,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--overwrite", action="store_true", help="rerun into an existing demo directory")
     d.set_defaults(func=cmd_demo)
+
+    from nested_learning.service import add_serve_arguments, run_from_args
+
+    s = sub.add_parser("serve", help="run the training-job service: REST API, job store, workers, dashboard")
+    add_serve_arguments(s).set_defaults(func=run_from_args)
     return p
 
 
