@@ -84,13 +84,13 @@ def test_all_period_one_equals_adamw_on_lora_params_of_causal_lm():
 
 # -- 2. period-p tiers: exact update steps and the accumulated gradient -------------------------------
 
-def _synthetic_run(accumulate, periods, steps, wd=0.0, lr=1e-2, scales=None):
+def _synthetic_run(accumulate, periods, steps, wd=0.0, lr=1e-2, scales=None, eps=1e-8):
     """Drive NestedAdamW with fixed gradients; return (params per step, grads) for checking."""
     g = torch.Generator().manual_seed(3)
     params = [torch.randn(5, 3, generator=g).requires_grad_() for _ in periods]
     groups = [{"params": [p], "period": per, "lr_scale": (scales or [1.0] * len(periods))[i], "name": f"t{i}"}
               for i, (p, per) in enumerate(zip(params, periods))]
-    opt = NestedAdamW(groups, lr=lr, weight_decay=wd, accumulate=accumulate)
+    opt = NestedAdamW(groups, lr=lr, weight_decay=wd, accumulate=accumulate, eps=eps)
     grads = [[torch.randn(5, 3, generator=g) for _ in periods] for _ in range(steps)]
     history = [[p.detach().clone() for p in params]]
     for s in range(steps):
@@ -114,10 +114,11 @@ def test_slow_tier_updates_exactly_at_multiples_of_its_period(accumulate):
 @pytest.mark.parametrize("accumulate", ["mean", "sum", "last"])
 def test_slow_tier_update_is_adamw_on_the_chunk_gradient(accumulate):
     period, steps = 4, 12
-    params, grads, history, _ = _synthetic_run(accumulate, [1, period], steps=steps, wd=0.1, lr=5e-3)
+    # A large eps makes Adam sensitive to the gradient's scale, so mean and sum give different updates.
+    params, grads, history, _ = _synthetic_run(accumulate, [1, period], steps=steps, wd=0.1, lr=5e-3, eps=0.5)
     # Reference: torch.optim.AdamW taking one step per chunk on the chunk's mean / sum / last gradient.
     ref = history[0][1].clone().requires_grad_()
-    ref_opt = torch.optim.AdamW([ref], lr=5e-3, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW([ref], lr=5e-3, weight_decay=0.1, eps=0.5)
     for chunk in range(steps // period):
         gs = [grads[s][1] for s in range(chunk * period, (chunk + 1) * period)]
         if accumulate == "mean":
