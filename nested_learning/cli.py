@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_merge)
 
     d = sub.add_parser("demo", help="train the embedded tiny model on generated data (CPU, no download)")
-    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--steps", type=int, default=400)
     d.add_argument("--out", default="runs/demo", help="demo directory (data/ and run/ inside)")
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--overwrite", action="store_true", help="rerun into an existing demo directory")

@@ -41,7 +41,7 @@ def make_demo_data(data_dir: str | Path, seed: int = 0, n_valid: int = 64) -> Pa
     return data_dir
 
 
-def demo_config(out: str | Path = "runs/demo", steps: int = 300, **overrides: Any) -> TrainConfig:
+def demo_config(out: str | Path = "runs/demo", steps: int = 400, **overrides: Any) -> TrainConfig:
     """The demo run, also shipped as ``configs/demo.yaml`` (a test keeps the two equal)."""
     out = Path(out)
     raw: dict[str, Any] = {
@@ -69,7 +69,7 @@ def demo_config(out: str | Path = "runs/demo", steps: int = 300, **overrides: An
     return TrainConfig.model_validate(raw)
 
 
-def run_demo(out: str | Path = "runs/demo", steps: int = 300, callbacks: Iterable = (), max_new_tokens: int = 40,
+def run_demo(out: str | Path = "runs/demo", steps: int = 400, callbacks: Iterable = (), max_new_tokens: int = 40,
              overwrite: bool = False) -> dict[str, Any]:
     """Generate the data, show a generation before, train, show one after. Returns the numbers."""
     from nested_learning.generate import generate_text, load_for_inference

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,7 +53,9 @@ def load_for_inference(adapter: str | Path | None = None, base: str | None = Non
             tokenizer.pad_token = tokenizer.eos_token
     else:
         tokenizer = load_tokenizer(model_cfg)
-    model = PeftModel.from_pretrained(load_model(model_cfg), str(adapter))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations raised inside PEFT
+        model = PeftModel.from_pretrained(load_model(model_cfg), str(adapter))
     return model.eval(), tokenizer
 
 

@@ -29,7 +29,7 @@ from nested_learning.loss import token_loss_sum
 from nested_learning.metrics import MetricsLog
 from nested_learning.model import autocast_context, load_model, load_tokenizer, maybe_compile, wrap_lora
 
-__all__ = ["Callback", "TrainerState", "TrainingError", "lr_lambda", "run_training"]
+__all__ = ["Callback", "TrainerState", "TrainingError", "accumulate_gradients", "lr_lambda", "run_training"]
 
 log = logging.getLogger("nested_learning.trainer")
 
@@ -172,6 +172,23 @@ def build_optimizer(cfg: TrainConfig, model, probe=None, saved_assignment: dict[
     return optimizer, scheduler, assignment, format_plan(groups)
 
 
+def accumulate_gradients(model, step_batches: list, loss_fn: Callable, device: torch.device) -> torch.Tensor:
+    """Backward over the micro-batches of one optimizer step; returns the step loss (on the device).
+
+    Each micro-batch's summed token loss is divided by the loss tokens of the *whole step*, so the accumulated
+    gradient equals that of one big batch: 4 micro-batches of 2 == 1 batch of 8, padding and packing aside.
+    """
+    step_loss_tokens = max(1, sum(b.num_loss_tokens for b in step_batches))
+    step_loss = torch.zeros((), device=device)
+    for batch in step_batches:
+        batch = batch.to(device, non_blocking=True)
+        with autocast_context(device):
+            loss_sum, _ = loss_fn(model, batch)
+        (loss_sum / step_loss_tokens).backward()
+        step_loss += loss_sum.detach() / step_loss_tokens
+    return step_loss
+
+
 # ---------------------------------------------------------------------------------------------------- run
 def run_training(
     config: TrainConfig,
@@ -282,17 +299,8 @@ def run_training(
         window_steps, window_tokens, window_t0 = 0, 0, time.perf_counter()
 
         while state.step < cfg.schedule.steps and not stop_event.is_set():
-            # One optimizer step = grad_accum micro-batches. Each micro-batch's summed token loss is divided by
-            # the loss tokens of the whole step, so the accumulated gradient is that of one big batch.
             step_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
-            step_loss_tokens = max(1, sum(b.num_loss_tokens for b in step_batches))
-            step_loss = torch.zeros((), device=device)
-            for batch in step_batches:
-                batch = batch.to(device, non_blocking=True)
-                with autocast_context(device):
-                    loss_sum, _ = loss_fn(forward_model, batch)
-                (loss_sum / step_loss_tokens).backward()
-                step_loss += loss_sum.detach() / step_loss_tokens
+            step_loss = accumulate_gradients(forward_model, step_batches, loss_fn, device)
             micro_index += len(step_batches)
             window_loss += step_loss
             window_steps += 1
