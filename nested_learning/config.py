@@ -48,6 +48,10 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
     device: str = Field("auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
     compile: bool = Field(False, description="Wrap the model in `torch.compile` (CUDA only; ignored on CPU).")
+    loss_chunk_tokens: int = Field(
+        2048, ge=0, description="Compute the head and cross-entropy over chunks of this many tokens, so the full "
+        "(tokens x vocab) logits never exist (same loss; much less memory). 0: the model's own full-logits forward.",
+    )
 
 
 class LoraConfig(_Section):
@@ -134,6 +138,10 @@ class OptimConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Global grad-norm clip per optimizer step; 0 disables.")
     batch_size: int = Field(4, gt=0, description="Samples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    flat_buffers: bool = Field(
+        True, description="Keep each tier's parameters, gradients and Adam state in one contiguous buffer, so a "
+        "tier's update is a few fused kernels instead of one per tensor (same numbers).",
+    )
 
     @field_validator("betas")
     @classmethod

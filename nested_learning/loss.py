@@ -2,14 +2,29 @@
 
 The trainer divides the summed token loss of a whole optimizer step by the step's loss-token count, so
 splitting a batch into micro-batches, padding it or packing it never changes the loss or its gradient.
+
+Two implementations of the same number:
+
+- ``token_loss_sum``: the model's own forward, full ``(tokens, vocab)`` logits, then cross-entropy.
+- ``chunked_token_loss_sum`` (``model.loss_chunk_tokens > 0``): the decoder's last hidden states, then
+  ``linear_cross_entropy_sum`` over chunks of rows. Each chunk's logits exist only while that chunk is
+  processed; the gradient with respect to the hidden states is computed in the same pass (the head is frozen
+  under LoRA), so backward keeps no logits either. With a 152k vocabulary at 8 x 1024 tokens that is ~10 GiB
+  of float32 logits, softmax and gradient never allocated.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_loss_sum"]
+__all__ = ["chunked_token_loss_sum", "decoder_and_head", "linear_cross_entropy_sum", "make_loss_fn", "token_loss_sum"]
+
+IGNORE_INDEX = -100
+log = logging.getLogger("nested_learning.loss")
 
 
 def token_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
@@ -25,3 +40,134 @@ def token_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
     return loss_sum, int(batch.num_loss_tokens)
+
+
+# ------------------------------------------------------------------------------------ chunked linear + CE
+def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool):
+    """One chunk: (summed CE in float32, d(sum CE)/d(logits) in the logits' dtype, or None).
+
+    ``logits`` (n, V) as the head produced them (bf16 under autocast); the softmax is taken in float32,
+    exactly as ``token_loss_sum`` does after ``.float()``.
+    """
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 (float64 stays float64)
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp_min(0).unsqueeze(1)
+    lse = torch.logsumexp(x, dim=-1)
+    loss = ((lse - x.gather(1, safe).squeeze(1)) * valid).sum()
+    if not want_grad:
+        return loss, None
+    grad = torch.exp(x - lse.unsqueeze(1))  # softmax
+    grad.scatter_add_(1, safe, -valid.to(grad.dtype).unsqueeze(1))  # minus one-hot of the target
+    grad = grad * valid.unsqueeze(1)  # ignored rows carry no gradient
+    return loss, grad.to(logits.dtype)
+
+
+_compiled_chunk: Callable | None = None
+
+
+def _chunk_fn(device: torch.device) -> Callable:
+    """On CUDA the chunk's element-wise work is one fused kernel (torch.compile); eager elsewhere or if
+    compilation is unavailable."""
+    global _compiled_chunk
+    if device.type != "cuda":
+        return _ce_chunk
+    if _compiled_chunk is None:
+        try:
+            _compiled_chunk = torch.compile(_ce_chunk, dynamic=False)
+        except Exception as exc:  # pragma: no cover - depends on the CUDA toolchain
+            log.warning("chunked loss: torch.compile unavailable (%s); using the eager chunk", exc)
+            _compiled_chunk = _ce_chunk
+    return _compiled_chunk
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        fn = _chunk_fn(hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if want_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if want_b else None
+        for start in range(0, hidden.size(0), chunk):
+            h = hidden[start : start + chunk]
+            logits = F.linear(h, weight, bias)  # (n, V): the only logits alive at any time
+            loss, g = fn(logits, targets[start : start + chunk], want_h or want_w or want_b)
+            total += loss
+            if g is not None:
+                if want_h:
+                    grad_h[start : start + chunk] = g @ weight.to(g.dtype)
+                if want_w:
+                    grad_w += g.t() @ h.to(g.dtype)
+                if want_b:
+                    grad_b += g.sum(0)
+            del logits, g
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # The loss is a scalar: its gradients were computed in forward; scale them by the incoming gradient.
+        grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
+        return grads[0], grads[1], grads[2], None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                             bias: torch.Tensor | None = None, chunk: int = 2048) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=-100, reduction="sum")``
+    without ever holding more than ``chunk`` rows of logits. ``hidden`` (N, H), ``weight`` (V, H), ``targets`` (N,).
+    Same value and gradients as the full computation (to float32 rounding)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+
+
+def _unwrap(model):
+    """torch.compile wrapper -> module; PEFT model -> the transformers model underneath (LoRA layers included)."""
+    model = getattr(model, "_orig_mod", model)
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_and_head(model):
+    """(decoder returning last hidden states, linear head) when the causal LM's logits are exactly
+    ``head(decoder(...).last_hidden_state)``; None otherwise (logit scaling or soft-capping, a wrapped head)."""
+    lm = _unwrap(model)
+    config = getattr(lm, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    get_decoder, get_head = getattr(lm, "get_decoder", None), getattr(lm, "get_output_embeddings", None)
+    if not (callable(get_decoder) and callable(get_head)):
+        return None
+    decoder, head = get_decoder(), get_head()
+    if decoder is None or decoder is lm or type(head) is not torch.nn.Linear:
+        return None
+    return decoder, head
+
+
+def chunked_token_loss_sum(model, batch, chunk: int = 2048) -> tuple[torch.Tensor, int]:
+    """``token_loss_sum`` without the full logits (see the module docstring); falls back to it for models
+    whose head is not a plain linear layer on the decoder's output."""
+    parts = decoder_and_head(model)
+    if parts is None:
+        return token_loss_sum(model, batch)
+    decoder, head = parts
+    hidden = decoder(**batch.model_inputs()).last_hidden_state  # (B, T, H)
+    hidden = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
+    targets = batch.labels[:, 1:].to(hidden.device).reshape(-1)
+    loss_sum = linear_cross_entropy_sum(hidden, head.weight, targets, bias=head.bias, chunk=chunk)
+    return loss_sum, int(batch.num_loss_tokens)
+
+
+def make_loss_fn(chunk_tokens: int) -> Callable:
+    """The loss the trainer uses: chunked when ``chunk_tokens > 0`` (``model.loss_chunk_tokens``), else full logits."""
+    if chunk_tokens <= 0:
+        return token_loss_sum
+
+    def loss_fn(model, batch):
+        return chunked_token_loss_sum(model, batch, chunk_tokens)
+
+    loss_fn.__name__ = f"chunked_token_loss_sum[{chunk_tokens}]"
+    return loss_fn

@@ -150,7 +150,17 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, seed: int = 0):
 
 
 def maybe_compile(model, cfg: ModelConfig, device: torch.device):
-    """``torch.compile`` on CUDA when asked; CPU runs stay eager (and exact)."""
+    """``torch.compile`` on CUDA when asked; CPU runs stay eager (and exact).
+
+    Under the chunked loss (``loss_chunk_tokens > 0``) the trainer calls the decoder directly, so the decoder
+    is compiled in place (the head and cross-entropy run chunk by chunk outside the graph, see ``loss.py``).
+    """
     if cfg.compile and device.type == "cuda":
+        from nested_learning.loss import decoder_and_head
+
+        parts = decoder_and_head(model) if cfg.loss_chunk_tokens > 0 else None
+        if parts is not None:
+            parts[0].compile()
+            return model
         return torch.compile(model)
     return model

@@ -25,7 +25,7 @@ import torch
 from nested_learning import checkpoint as ckpt
 from nested_learning.config import ConfigError, ScheduleConfig, TrainConfig
 from nested_learning.evaluate import evaluate_loss, perplexity
-from nested_learning.loss import token_loss_sum
+from nested_learning.loss import make_loss_fn
 from nested_learning.metrics import MetricsLog
 from nested_learning.model import autocast_context, load_model, load_tokenizer, maybe_compile, wrap_lora
 
@@ -166,6 +166,7 @@ def build_optimizer(cfg: TrainConfig, model, probe=None, saved_assignment: dict[
     optimizer = NestedAdamW(
         groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, accumulate=t.accumulate, flush_on_end=t.flush_on_end,
+        flat=cfg.optim.flat_buffers,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule))
     assignment = {name: k for k, g in enumerate(groups) for name in g["param_names"]}
@@ -196,13 +197,15 @@ def run_training(
     stop_event: threading.Event | None = None,
     resume: str | None = None,
     *,
-    loss_fn: Callable = token_loss_sum,
+    loss_fn: Callable | None = None,
 ) -> TrainerState:
     """Train ``config`` to completion, early stop, ``stop_event`` or failure; returns the final state.
 
     ``resume``: ``None`` (fresh), ``"auto"`` (latest checkpoint in ``output.dir``, fresh when none) or a
-    checkpoint / run directory. ``loss_fn(model, batch) -> (loss_sum, n_loss_tokens)`` can be swapped.
+    checkpoint / run directory. ``loss_fn(model, batch) -> (loss_sum, n_loss_tokens)`` can be swapped;
+    by default it is ``make_loss_fn(model.loss_chunk_tokens)`` (chunked head + cross-entropy, or full logits).
     """
+    loss_fn = loss_fn or make_loss_fn(config.model.loss_chunk_tokens)
     cfg, callbacks, stop_event = config, list(callbacks), stop_event or threading.Event()
     out = check_output_dir(cfg, resume)
     resume_from = ckpt.resolve_resume(resume, out)

@@ -1,0 +1,140 @@
+"""Every speed switch leaves the numbers unchanged: chunked head + cross-entropy, flat optimizer buffers,
+packing, loss read-back interval and compile (a no-op on CPU). Tiny models, float32, CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nested_learning.data import Sample, collate
+from nested_learning.loss import chunked_token_loss_sum, linear_cross_entropy_sum, make_loss_fn, token_loss_sum
+from nested_learning.model import load_model, maybe_compile, wrap_lora
+from nested_learning.trainer import run_training
+from tests.trainkit import micro_config, write_data
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_matches_full(chunk, with_bias):
+    g = torch.Generator().manual_seed(chunk)
+    n, h, v = 37, 12, 50
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(v, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::4] = -100
+    ref = F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref * 0.5, [hidden, weight] + ([bias] if with_bias else []))
+    out = linear_cross_entropy_sum(hidden, weight, targets, bias=bias, chunk=chunk)
+    grads = torch.autograd.grad(out * 0.5, [hidden, weight] + ([bias] if with_bias else []))
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_linear_cross_entropy_frozen_head_and_no_grad():
+    hidden = torch.randn(9, 4, requires_grad=True)
+    weight = torch.randn(7, 4)  # frozen: no weight gradient is computed
+    targets = torch.randint(0, 7, (9,))
+    out = linear_cross_entropy_sum(hidden, weight, targets, chunk=4)
+    out.backward()
+    ref_h = hidden.detach().clone().requires_grad_(True)
+    F.cross_entropy(ref_h @ weight.t(), targets, reduction="sum").backward()
+    assert torch.allclose(hidden.grad, ref_h.grad, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy_sum(hidden, weight, targets, chunk=2), out, atol=1e-5)
+
+
+def _lora_model():
+    cfg = micro_config("unused", "unused")
+    model = wrap_lora(load_model(cfg.model, seed=0), cfg.lora, seed=0)
+    for name, p in model.named_parameters():  # non-zero lora_B so LoRA contributes to the loss
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_chunked_loss_on_a_lora_model(packing):
+    model = _lora_model()
+    rng = torch.Generator().manual_seed(1)
+    samples = []
+    for n in (5, 17, 9, 30):
+        ids = torch.randint(3, 200, (n,), generator=rng).tolist()
+        samples.append(Sample(ids, [-100] * 2 + ids[2:]))
+    batch = collate(samples, 0, packing=packing, max_length=40)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    full, n_full = token_loss_sum(model, batch)
+    g_full = torch.autograd.grad(full, trainable)
+    chunked, n_chunk = chunked_token_loss_sum(model, batch, chunk=7)
+    g_chunk = torch.autograd.grad(chunked, trainable)
+    assert n_full == n_chunk
+    assert torch.allclose(full, chunked, rtol=1e-5)
+    for a, b in zip(g_full, g_chunk):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert make_loss_fn(0) is token_loss_sum
+
+
+def test_compile_switch_is_a_no_op_on_cpu():
+    cfg = micro_config("unused", "unused", model={"compile": True})
+    model = _lora_model()
+    assert maybe_compile(model, cfg.model, torch.device("cpu")) is model
+
+
+def _losses(tmp_path, name, **sections):
+    data = write_data(tmp_path / "data")
+    cfg = micro_config(data, tmp_path / name, eval={"every": 0}, **sections)
+    seen = []
+
+    class Rec:
+        def __getattr__(self, hook):
+            return lambda state, *a: seen.append(state.train_loss) if hook == "on_step" else None
+
+    state = run_training(cfg, callbacks=[Rec()])
+    return seen, state
+
+
+def test_every_switch_leaves_the_training_loss_unchanged(tmp_path):
+    base, base_state = _losses(tmp_path, "base", model={"device": "cpu", "loss_chunk_tokens": 0},
+                               optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": False})
+    switches = {
+        "chunked": dict(model={"device": "cpu", "loss_chunk_tokens": 16}),
+        "flat": dict(model={"device": "cpu", "loss_chunk_tokens": 0}, optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": True}),
+        "compile": dict(model={"device": "cpu", "compile": True}),
+        "all": dict(model={"device": "cpu", "loss_chunk_tokens": 16, "compile": True},
+                    optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": True}),
+    }
+    for name, sections in switches.items():
+        losses, state = _losses(tmp_path, name, **sections)
+        assert losses == pytest.approx(base, rel=1e-4), name
+        assert state.val_loss == pytest.approx(base_state.val_loss, rel=1e-4), name
+
+    # log_every only changes when the loss is read back: the window means agree with the per-step losses.
+    every2, _ = _losses(tmp_path, "log2", model={"device": "cpu"}, output={"log_every": 2, "dir": str(tmp_path / "log2"),
+                                                                        "tensorboard": False})
+    read = every2[1::2]  # the state keeps the last read value between read-backs
+    pairs = [(base[i] + base[i + 1]) / 2 for i in range(0, len(base) - 1, 2)]
+    assert read[: len(pairs)] == pytest.approx(pairs, rel=1e-4)
+
+
+def test_packing_keeps_the_first_step_loss(tmp_path):
+    """Packing changes which samples share a step, so only the first step's loss on the same samples is
+    comparable; here batch_size covers the whole (tiny) data set in both layouts."""
+    data = write_data(tmp_path / "data", n_train=8, n_valid=2)
+    losses = {}
+    for packing in (False, True):
+        cfg = micro_config(data, tmp_path / f"p{packing}", data={"dir": str(data), "max_length": 512, "packing": packing,
+                                                                 "shuffle": False, "valid_fraction": 0.0},
+                           optim={"lr": 1e-2, "batch_size": 8}, schedule={"steps": 1, "warmup_steps": 0},
+                           eval={"every": 0})
+        seen = []
+
+        class Rec:
+            def __getattr__(self, hook):
+                return lambda state, *a: seen.append(state.train_loss) if hook == "on_step" else None
+
+        run_training(cfg, callbacks=[Rec()])
+        losses[packing] = seen[0]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
