@@ -33,7 +33,7 @@ def write_data(root: Path, n_train: int = 48, n_valid: int = 8) -> Path:
     for name, n in (("train.jsonl", n_train), ("valid.jsonl", n_valid)):
         with open(d / name, "w") as f:
             for _ in range(n):
-                words = " ".join(rng.choice(WORDS) for _ in range(6))
+                words = " ".join(rng.choice(WORDS) for _ in range(4))
                 f.write(json.dumps({"prompt": f"Repeat: {words}\n", "completion": words}) + "\n")
     return d
 
@@ -43,7 +43,7 @@ def job_config(steps: int, **sections: dict[str, Any]) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "model": {"name_or_path": "embedded:micro-llama"},
         "lora": {"r": 4, "alpha": 8},
-        "data": {"train": "data/train.jsonl", "valid": "data/valid.jsonl", "max_length": 48},
+        "data": {"train": "data/train.jsonl", "valid": "data/valid.jsonl", "max_length": 64},
         "tiers": {"periods": [1, 2, 4]},
         "optim": {"lr": 1e-3, "batch_size": 4},
         "schedule": {"steps": steps},

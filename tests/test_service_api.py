@@ -129,7 +129,7 @@ def test_stop_mid_run_checkpoints_then_resume_continues_the_step_count(server):
     resumed = c.post(f"/v1/jobs/{job_id}/resume")
     assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
     again = c.post(f"/v1/jobs/{job_id}/resume")
-    assert again.status_code == 409 and "queued" in again.json()["detail"]
+    assert again.status_code == 409 and "only stopped, interrupted, failed jobs" in again.json()["detail"]
 
     job = wait_job(c, job_id, lambda j: j["status"] == "completed", "completed after resume")
     assert (job["step"], job["runs"]) == (24, 2)

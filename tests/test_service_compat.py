@@ -22,7 +22,7 @@ OLD_START = {
     "learning_rate": 1e-3,
     "batch_size": 4,
     "num_steps": 300,
-    "max_seq_length": 48,
+    "max_seq_length": 64,
     "lora_rank": 4,
     "lora_alpha": 8,
     "warmup_steps": 2,
@@ -64,7 +64,7 @@ def test_old_start_status_stop_flow(server):
     assert cfg["tiers"]["periods"] == [1, 2] and cfg["tiers"]["strategy"] == "layer_depth"
     assert cfg["schedule"] == {**cfg["schedule"], "steps": 300, "warmup_steps": 2, "kind": "constant"}
     assert (cfg["optim"]["lr"], cfg["optim"]["batch_size"], cfg["lora"]["r"], cfg["data"]["max_length"]) == (
-        1e-3, 4, 4, 48)
+        1e-3, 4, 4, 64)
     assert cfg["data"]["train"].endswith("data/train.jsonl") and cfg["eval"]["every"] == 3
 
     def running_with_progress():

@@ -81,12 +81,14 @@ async function startJob(ev) {
 // ---------------------------------------------------------------- job view
 const nl = (window.nl = { job: null, steps: new Map(), charts: {}, source: null, tiers: 0 });
 
-function makeChart(el, series, yLabel) {
+const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];
+
+function makeChart(el, series, yLabel, yValues) {
   const width = Math.max(300, el.clientWidth || 500);
   const opts = {
     width, height: 240, legend: { live: false },
     scales: { x: { time: false } },
-    axes: [{ label: "step" }, { label: yLabel, size: 60 }],
+    axes: [{ label: "step", incrs: STEP_INCRS }, { label: yLabel, size: 70, ...(yValues ? { values: yValues } : {}) }],
     series: [{ label: "step" }, ...series.map((s) => ({ spanGaps: true, width: 2, points: { show: false }, ...s }))],
   };
   el.innerHTML = "";
@@ -95,15 +97,17 @@ function makeChart(el, series, yLabel) {
 
 const TIER_COLORS = ["#2f6fde", "#e0822c", "#2a9d5b", "#b83ac2", "#c9382c", "#5a6b7d"];
 
-function buildCharts(nTiers) {
+function buildCharts(periods) {
+  const nTiers = periods.length;
   nl.tiers = nTiers;
   nl.charts.loss = makeChart($("#chart-loss"), [
     { label: "train", stroke: "#2f6fde" },
     { label: "val", stroke: "#e0822c", points: { show: true, size: 6 } },
   ], "loss");
-  nl.charts.lr = makeChart($("#chart-lr"), [{ label: "lr", stroke: "#2a9d5b" }], "lr");
+  nl.charts.lr = makeChart($("#chart-lr"), [{ label: "lr", stroke: "#2a9d5b" }], "lr",
+    (u, vals) => vals.map((v) => (v === 0 ? "0" : v.toExponential(2))));
   nl.charts.tiers = makeChart($("#chart-tiers"),
-    Array.from({ length: nTiers }, (_, i) => ({ label: `tier ${i}`, stroke: TIER_COLORS[i % TIER_COLORS.length] })), "updates");
+    Array.from({ length: nTiers }, (_, i) => ({ label: `tier ${i} (every ${periods[i]})`, stroke: TIER_COLORS[i % TIER_COLORS.length] })), "updates");
 }
 
 let redrawPending = false;
@@ -178,7 +182,7 @@ async function openJob(id) {
   nl.steps = new Map();
   nl.seqs = new Set([0]);
   const job = await api("GET", `/v1/jobs/${id}`);
-  buildCharts((job.config.tiers.periods || []).length);
+  buildCharts(job.config.tiers.periods || []);
   showStatus(job);
   const { metrics } = await api("GET", `/v1/jobs/${id}/metrics`);
   metrics.forEach((row) => { nl.seqs.add(row.seq); addMetric(row); });
