@@ -193,3 +193,17 @@ def test_server_restart_keeps_every_record_and_interrupts_the_running_job(server
     rows = c.get(f"/v1/jobs/{job_id}/metrics", params={"kind": "train"}).json()["metrics"]
     assert [r["step"] for r in rows] == list(range(1, 17))
     assert [r["step"] for r in rows if r["seq"] > seq_before] == list(range(ckpt_step + 1, 17))
+
+
+def test_a_clean_server_shutdown_checkpoints_the_running_job_as_interrupted(server):
+    c = server.client()
+    job_id = c.post("/v1/jobs", json=job_config(300)).json()["id"]
+    wait_job(c, job_id, lambda j: j["status"] == "running" and j["step"] >= 2, "step 2")
+    server.stop(signal.SIGTERM)  # the server asks its workers to checkpoint and end
+    server.start()
+    c = server.client()
+    job = wait_job(c, job_id, lambda j: j["status"] == "interrupted", "interrupted", timeout=30)
+    assert "server went away" in job["error"] and 2 <= job["step"] < 300
+    last = {ck["name"]: ck for ck in c.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"]}["last"]
+    assert last["step"] == job["step"]
+    assert c.delete(f"/v1/jobs/{job_id}", params={"files": "true"}).status_code == 200

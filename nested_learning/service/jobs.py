@@ -134,8 +134,9 @@ class JobService:
         if not self.store.transition(job_id, RESUMABLE, "queued", resume=1, stop_requested=0, error=None,
                                      ended_at=None):
             raise JobError(409, f"job {job_id} is {job['status']}; only {', '.join(RESUMABLE)} jobs can be resumed")
+        job = self.get(job_id)  # as queued, before the scheduler can take it
         self.scheduler.wake()
-        return self.get(job_id)
+        return job
 
     def delete(self, job_id: str, files: bool = False) -> dict[str, Any]:
         job = self.get(job_id)
