@@ -115,7 +115,9 @@ def load_model(cfg: ModelConfig, seed: int = 0):
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs, so no input-grad hook is needed.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with warnings.catch_warnings():  # renamed in newer transformers; the old name works on all we support
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device)
 
 

@@ -231,7 +231,10 @@ def run_training(
     state = TrainerState(total_steps=cfg.schedule.steps, output_dir=str(out), tier_plan=plan_text)
     micro_index, bad_evals = 0, 0
     if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as exc:  # e.g. tiers changed since the checkpoint was written
+            raise ConfigError(f"--resume {resume_from}: the checkpoint does not fit this config: {exc}") from None
         scheduler.load_state_dict(saved["scheduler"])
         fields = {f.name for f in dataclasses.fields(TrainerState)}
         state = TrainerState(**{k: v for k, v in saved["trainer_state"].items() if k in fields})
@@ -248,7 +251,7 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
     metrics = MetricsLog(out, resume_step=state.step if saved else None, tensorboard=cfg.output.tensorboard)
-    log.info("tier plan:\n%s", plan_text)
+    log.debug("tier plan:\n%s", plan_text)  # printed by the CLI callbacks, not here
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     eval_bs = cfg.eval.batch_size or cfg.optim.batch_size

@@ -259,3 +259,24 @@ def test_non_empty_output_dir_refused(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="output.dir"):
         run_training(micro_config(data_dir, out))
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_resume_with_changed_tiers_is_a_config_error(data_dir, tmp_path):
+    run_training(micro_config(data_dir, tmp_path / "run", schedule={"steps": 2}, eval={"every": 0}))
+    with pytest.raises(ConfigError, match="does not fit this config"):
+        run_training(micro_config(data_dir, tmp_path / "run", tiers={"periods": [1, 3]}), resume="auto")
+
+
+def test_dora_and_gradient_checkpointing(data_dir, tmp_path):
+    plain = run_training(micro_config(data_dir, tmp_path / "a", schedule={"steps": 3}, eval={"every": 0},
+                                      lora={"use_dora": True}))
+    ckpt = run_training(micro_config(data_dir, tmp_path / "b", schedule={"steps": 3}, eval={"every": 0},
+                                     lora={"use_dora": True}, model={"gradient_checkpointing": True}))
+    # DoRA adds a magnitude vector per adapted layer: 3 tensors per projection
+    assert sum(t["num_tensors"] for t in plain.tier_stats) == 2 * 7 * 3
+    # recomputing activations does not change the numbers
+    assert train_losses(tmp_path / "a") == pytest.approx(train_losses(tmp_path / "b"), rel=1e-6)
+    ta, tb = adapter_tensors(plain.last_checkpoint), adapter_tensors(ckpt.last_checkpoint)
+    assert any("magnitude" in k for k in ta)
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6)
