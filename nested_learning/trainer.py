@@ -284,11 +284,11 @@ def run_training(
                             device=device, loss_fn=loss_fn)
         state.val_loss, state.val_ppl = res["loss"], res["ppl"]
         improved = state.best_val_loss is None or res["loss"] < state.best_val_loss - cfg.eval.early_stopping_min_delta
+        bad_evals = 0 if improved else bad_evals + 1
         if state.best_val_loss is None or res["loss"] < state.best_val_loss:
             state.best_val_loss = res["loss"]
             if cfg.checkpoint.save_best and state.step > 0:
                 save("best")
-        bad_evals = 0 if improved else bad_evals + 1
         metrics.write({"step": state.step, "val_loss": res["loss"], "val_ppl": res["ppl"]}, tb_prefix="eval")
         emit("on_eval")
         return improved
@@ -317,7 +317,8 @@ def run_training(
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)
 
             # Read back only every log_every steps (a device sync); a bad loss stops before it is applied.
-            read_back = (state.step + 1) % cfg.output.log_every == 0 or state.step + 1 == cfg.schedule.steps
+            read_back = ((state.step + 1) % cfg.output.log_every == 0 or state.step + 1 == cfg.schedule.steps
+                         or stop_event.is_set())
             if read_back:
                 loss_value, norm_value = window_loss.item() / window_steps, grad_norm.item()
                 if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
