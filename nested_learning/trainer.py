@@ -348,7 +348,7 @@ def run_training(
                     "tier_updates": [t["updates"] for t in state.tier_stats],
                 })
                 window_loss = torch.zeros((), device=device)
-                window_steps, window_tokens, window_t0 = 0, 0, time.perf_counter()
+                window_steps, window_tokens = 0, 0
             emit("on_step")
 
             last_step = state.step == cfg.schedule.steps
@@ -362,6 +362,8 @@ def run_training(
             if state.early_stopped:
                 log.info("early stopping at step %d (no improvement in %d evals)", state.step, bad_evals)
                 break
+            if read_back:  # tokens/s and ETA measure training steps, not callbacks, evals and checkpoints
+                window_t0 = time.perf_counter()
 
         if stop_event.is_set() and not state.early_stopped and state.step < cfg.schedule.steps:
             state.status = "stopped"  # resumable as is: no flush, so a resume continues exactly
