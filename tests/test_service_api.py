@@ -207,3 +207,13 @@ def test_a_clean_server_shutdown_checkpoints_the_running_job_as_interrupted(serv
     last = {ck["name"]: ck for ck in c.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"]}["last"]
     assert last["step"] == job["step"]
     assert c.delete(f"/v1/jobs/{job_id}", params={"files": "true"}).status_code == 200
+
+
+def test_a_stop_while_the_worker_is_still_starting_ends_stopped_not_failed(server):
+    c = server.client()
+    job_id = c.post("/v1/jobs", json=job_config(300)).json()["id"]
+    wait_job(c, job_id, lambda j: j["status"] == "running", "running", timeout=30)
+    assert c.post(f"/v1/jobs/{job_id}/stop").status_code == 200  # the worker is still importing torch
+    job = wait_job(c, job_id, lambda j: j["status"] in ("stopped", "failed"), "ended", timeout=60)
+    assert job["status"] == "stopped" and job["error"] is None and job["step"] <= 1, job
+    assert c.delete(f"/v1/jobs/{job_id}", params={"files": "true"}).status_code == 200

@@ -127,7 +127,9 @@ class Scheduler:
         self.store.update(job_id, stop_requested=1)
         with self._lock:
             run = self.runs.get(job_id)
-        if run is not None and worker_alive(run.pid, job_id):
+        job = self.store.get_job(job_id)
+        # Before its handlers are in place SIGUSR1 would kill the worker; until then the store flag does it.
+        if run is not None and job is not None and job["worker_ready"] and worker_alive(run.pid, job_id):
             try:
                 os.kill(run.pid, signal.SIGUSR1)
             except OSError:
@@ -176,7 +178,8 @@ class Scheduler:
                 return
             job = queued[0]
             if not self.store.transition(job["id"], ["queued"], "running", started_at=time.time(), ended_at=None,
-                                         gpu=None if slot == "cpu" else slot, runs=job["runs"] + 1, error=None):
+                                         gpu=None if slot == "cpu" else slot, runs=job["runs"] + 1, error=None,
+                                         worker_ready=0):
                 continue  # stopped or deleted in between
             self._spawn(job, slot)
 

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     ended_at REAL,
     worker_pid INTEGER,
+    worker_ready INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     state_json TEXT,
     output_dir TEXT NOT NULL,
@@ -55,8 +56,8 @@ CREATE INDEX IF NOT EXISTS metrics_job ON metrics(job_id, seq);
 """
 
 # Columns a caller may set through update(); the rest are managed by the methods below.
-_UPDATABLE = {"name", "status", "started_at", "ended_at", "worker_pid", "error", "state_json", "log_path", "gpu",
-              "stop_requested", "resume", "runs", "config_json", "output_dir"}
+_UPDATABLE = {"name", "status", "started_at", "ended_at", "worker_pid", "worker_ready", "error", "state_json",
+              "log_path", "gpu", "stop_requested", "resume", "runs", "config_json", "output_dir"}
 
 
 class StoreError(RuntimeError):
@@ -233,6 +234,7 @@ def _json_default(obj: Any) -> Any:
 def _job(row: sqlite3.Row) -> dict[str, Any]:
     job = dict(row)
     job["stop_requested"] = bool(job["stop_requested"])
+    job["worker_ready"] = bool(job["worker_ready"])
     job["resume"] = bool(job["resume"])
     job["state"] = json.loads(job.pop("state_json") or "{}")
     return job

@@ -130,7 +130,7 @@ def run_job(db: str, job_id: str) -> int:
     signal.signal(signal.SIGUSR1, lambda *_: stop.set("user"))
     signal.signal(signal.SIGTERM, lambda *_: stop.set("server"))
     signal.signal(signal.SIGINT, lambda *_: stop.set("server"))
-    store.update(job_id, worker_pid=os.getpid())
+    store.update(job_id, worker_pid=os.getpid(), worker_ready=1)  # the server may signal us from now on
     print(f"[worker] job {job_id} pid {os.getpid()} run {job['runs']} resume={job['resume']}", flush=True)
     threading.Thread(target=_watch, args=(store, job_id, stop, os.getppid()), daemon=True).start()
     try:
