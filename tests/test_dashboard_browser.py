@@ -27,7 +27,8 @@ COUNT_TRAIN_PIXELS = """() => {
   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
   let n = 0;
   for (let i = 0; i < d.length; i += 4) {
-    if (Math.abs(d[i] - 47) < 40 && Math.abs(d[i + 1] - 111) < 40 && Math.abs(d[i + 2] - 222) < 40 && d[i + 3] > 100) n++;
+    const near = Math.abs(d[i] - 47) < 40 && Math.abs(d[i + 1] - 111) < 40 && Math.abs(d[i + 2] - 222) < 40;
+    if (near && d[i + 3] > 100) n++;
   }
   return n;
 }"""

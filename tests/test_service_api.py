@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import time
 
 import pytest
 

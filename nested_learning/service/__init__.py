@@ -19,7 +19,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--workdir", default="outputs/service",
                         help="where job outputs (<workdir>/jobs/<id>) and logs go (default outputs/service)")
-    parser.add_argument("--db", default=None, help="job store: SQLite path or sqlite:///PATH (default <workdir>/jobs.db)")
+    parser.add_argument("--db", default=None,
+                        help="job store: SQLite path or sqlite:///PATH (default <workdir>/jobs.db)")
     parser.add_argument("--data-root", action="append", default=None, dest="data_roots",
                         help="directory that model, data and output paths must lie under; repeatable "
                              "(default: the workdir)")
@@ -28,7 +29,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "required for a non-loopback --host")
     parser.add_argument("--max-body", type=int, default=1_000_000, help="largest request body in bytes (413 above)")
     parser.add_argument("--gpus", default=None,
-                        help="comma-separated GPU ids to schedule on (default: detected; none → one job at a time on CPU)")
+                        help="comma-separated GPU ids to schedule on "
+                             "(default: detected; none → one job at a time on CPU)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser
 

@@ -32,7 +32,9 @@ class PathNotAllowed(Exception):
     def __init__(self, field: str, value: str, resolved: Path, roots: list[Path]):
         self.field = field
         shown = ", ".join(str(r) for r in roots)
-        super().__init__(f"{field}: path {value!r} resolves to {resolved}, which is outside the allowed root(s) {shown}")
+        super().__init__(
+            f"{field}: path {value!r} resolves to {resolved}, which is outside the allowed root(s) {shown}"
+        )
 
 
 def is_loopback(host: str) -> bool:

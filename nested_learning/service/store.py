@@ -185,7 +185,8 @@ class SQLiteStore:
         """The worker's per-step write: the state and (optionally) one metrics row in one transaction."""
         now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state_json = ? WHERE id = ?", (json.dumps(state, default=_json_default), job_id))
+            state_json = json.dumps(state, default=_json_default)
+            db.execute("UPDATE jobs SET state_json = ? WHERE id = ?", (state_json, job_id))
             if metric is not None:
                 step, kind, data = metric
                 db.execute(
