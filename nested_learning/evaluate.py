@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from nested_learning.loss import token_loss_sum
+from nested_learning.loss import make_loss_fn
 from nested_learning.model import autocast_context
 
 __all__ = ["evaluate_loss", "perplexity"]
@@ -27,9 +27,13 @@ def evaluate_loss(
     batch_size: int = 8,
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
-    loss_fn: Callable = token_loss_sum,
+    loss_fn: Callable | None = None,
 ) -> dict[str, float]:
-    """Token-weighted mean loss over ``samples`` (in their given order): ``{loss, ppl, tokens, batches}``."""
+    """Token-weighted mean loss over ``samples`` (in their given order): ``{loss, ppl, tokens, batches}``.
+
+    ``loss_fn`` defaults to the chunked head + cross-entropy, so a large vocabulary never materialises full logits.
+    """
+    loss_fn = loss_fn or make_loss_fn(2048)
     from nested_learning.data import collate
 
     device = torch.device(device)
