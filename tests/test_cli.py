@@ -132,6 +132,7 @@ def test_demo_reduced(tmp_path, capsys):
     assert res["val_loss_after"] < res["val_loss_before"] - 1.0  # ~5.5 -> ~3.5 in 30 steps
     assert os.path.isfile(os.path.join(res["adapter"], "adapter_model.safetensors"))
     assert (tmp_path / "demo" / "data" / "train.jsonl").is_file()
+    assert list((tmp_path / "demo" / "run" / "tb").glob("events.out.tfevents.*"))  # TensorBoard is on in the demo
 
 
 def test_signals_request_a_graceful_stop():
