@@ -24,7 +24,7 @@ import torch
 
 from nested_learning import checkpoint as ckpt
 from nested_learning.config import ConfigError, ScheduleConfig, TrainConfig
-from nested_learning.evaluate import evaluate_loss, perplexity
+from nested_learning.evaluate import evaluate_loss
 from nested_learning.loss import make_loss_fn
 from nested_learning.metrics import MetricsLog
 from nested_learning.model import autocast_context, load_model, load_tokenizer, maybe_compile, wrap_lora
