@@ -1,0 +1,518 @@
+"""Training speed and memory, side by side: our trainer against what a user would run instead.
+
+    python bench/peers.py --shapes qwen0.5b,llama1b --data fixed,realistic --json docs/peers.json
+    python bench/peers.py --cpu-smoke            # tiny model on the CPU: checks every variant runs
+
+Every variant runs in its own process (own peak memory, own compile cache state) on the same randomly
+initialised model of a real architecture (shapes below; no download), the same synthetic token data, LoRA
+r=16 / alpha=32 on all 7 projections, bf16 autocast on CUDA, seed 0; ``--warmup`` steps, then the median of
+``--steps`` timed steps (the device is synchronised at each step boundary, the same for every variant).
+
+Variants:
+  ours          ``run_training`` itself (``nested-learning train``): BatchPlan + collate, the chunked head +
+                cross-entropy, NestedAdamW(flat) at tiers [1,2,4], clip, schedule, callbacks; model.compile on,
+                data.packing on, output.log_every=10. Only model / tokenizer / data *loading* is replaced (random
+                weights, token ids instead of JSONL).
+  ours_eager    the same with model.compile off.
+  ours_check    ``ours`` at tiers [1] (plain AdamW) and no shuffling, fixed-length data only: its losses are
+                compared with ``peft_adamw``'s after the same steps (same math, so they must agree).
+  peft_adamw    PEFT LoRA + torch.optim.AdamW(fused=True), plain loop, ``model(..., labels=...).loss``.
+  peft_compile  the same loop on ``torch.compile(model)``.
+  peft_liger    the same loop with Liger Kernel's RMSNorm / SwiGLU / RoPE / fused linear cross-entropy.
+  hf_trainer    transformers.Trainer, optim adamw_torch_fused, bf16, padding to the longest in the batch.
+  seed_style    the plain loop with the old app's per-tensor tiered Adam (skipped tiers drop gradients).
+
+Data: ``fixed`` rows of exactly the sequence length; ``realistic`` lognormal lengths (mean ~300 tokens, capped
+at the sequence length). Plain loops and hf_trainer pad each batch to its longest sample; ours packs.
+
+Figures: real (non-padding) tokens/s, step ms (median), optimizer ms (CUDA events around ``optimizer.step``,
+median), peak GiB (``torch.cuda.max_memory_allocated``), and MFU = useful FLOP/s over a bf16 matmul rate
+measured in the same run (median of 8192^3 products). Useful FLOP per real token: ``4 * N_lin`` (forward and
+input-gradient backward through the frozen linear layers and the head; frozen weights get no weight gradient)
+``+ 6 * N_lora + 6 * L * d_attn * ctx`` (causal attention, forward and backward), ``ctx`` the token's own
+sample length. ``fit_batch`` estimates the largest batch at this length: (usable memory - memory before the first
+step) / ((peak - memory before the first step) / batch), usable = 95% of the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+GiB = 2**30
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# name: (architecture, config kwargs, batch, sequence length)
+SHAPES = {
+    "qwen0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                               num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                               max_position_embeddings=32768, tie_word_embeddings=True), 8, 1024),
+    "llama1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                              rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True), 8, 2048),
+    "llama8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                              rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False), 4, 2048),
+    "smoke": ("llama", dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                            max_position_embeddings=512, tie_word_embeddings=False), 2, 64),
+}
+VARIANTS = ["ours", "ours_eager", "peft_adamw", "peft_compile", "peft_liger", "hf_trainer", "seed_style"]
+LR = 2e-4
+
+
+# --------------------------------------------------------------------------------------------- shared bits
+def model_config(shape: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    arch, kwargs, _, _ = SHAPES[shape]
+    return (Qwen2Config if arch == "qwen2" else LlamaConfig)(**kwargs, use_cache=False)
+
+
+def build_base(shape: str, device: torch.device, seed: int = 0):
+    """Random weights (seeded), frozen, bf16 on CUDA / float32 on CPU; what load_model returns."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype, attn_implementation="sdpa")
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def make_samples(shape: str, setting: str, n_tokens: int, seed: int = 0) -> list[list[int]]:
+    """Token-id samples: all of length T (fixed) or lognormal lengths of mean ~300 capped at T (realistic)."""
+    _, kwargs, _, seq = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    vocab = kwargs["vocab_size"]
+    out, total = [], 0
+    mean = min(300, seq // 4)
+    mu, sigma = math.log(mean) - 0.5, 1.0
+    while total < n_tokens:
+        if setting == "fixed":
+            n = seq
+        else:
+            n = int(min(seq, max(8, round(math.exp(mu + sigma * float(torch.randn((), generator=g)))))))
+        out.append(torch.randint(3, vocab, (n,), generator=g).tolist())
+        total += n
+    return out
+
+
+def useful_flops_per_step(shape: str, lengths: list[int], n_lora: int) -> float:
+    """4*N_lin + 6*N_lora per token, plus causal attention 6*L*d_attn*ctx per token (ctx: own sample length)."""
+    cfg = model_config(shape)
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    n_lin = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter) + cfg.vocab_size * h
+    tokens = sum(lengths)
+    return (4 * n_lin + 6 * n_lora) * tokens + 6 * layers * q * sum(n * n for n in lengths)
+
+
+def lora(model, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # as nested_learning.model.wrap_lora does
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                            task_type="CAUSAL_LM"))
+
+
+def pad_batch(rows: list[list[int]], device) -> dict:
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+class StepClock:
+    """Synchronised wall time at each step boundary, CUDA-event optimizer time, per-step real tokens."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[float] = []
+        self.opt_events: list = []
+        self.tokens: list[int] = []
+        self.lengths: list[list[int]] = []
+        self.losses: list = []
+
+    def mark(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.marks.append(time.perf_counter())
+
+    def wrap_step(self, step_fn):
+        def timed(*a, **k):
+            if not self.cuda:
+                t0 = time.perf_counter()
+                out = step_fn(*a, **k)
+                self.opt_events.append((time.perf_counter() - t0) * 1e3)
+                return out
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            out = step_fn(*a, **k)
+            e.record()
+            self.opt_events.append((s, e))
+            return out
+
+        return timed
+
+    def summary(self, warmup: int) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+        steps = [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])][warmup:]
+        opt = [x if isinstance(x, float) else x[0].elapsed_time(x[1]) for x in self.opt_events][warmup:]
+        toks = self.tokens[warmup : warmup + len(steps)]
+        return {"step_ms": statistics.median(steps), "step_ms_all": steps,
+                "opt_ms": statistics.median(opt) if opt else None,
+                "real_tokens_per_s": sum(toks) / (sum(steps) / 1e3) if steps else None,
+                "timed_steps": len(steps), "lengths": self.lengths[warmup : warmup + len(steps)]}
+
+
+# ----------------------------------------------------------------------------------------------- variants
+def run_plain(spec: dict, device) -> dict:
+    """peft_adamw / peft_compile / peft_liger / seed_style: the loop most hand-written trainers have."""
+    shape, variant = spec["shape"], spec["variant"]
+    _, _, batch, seq = SHAPES[shape]
+    if variant == "peft_liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
+
+        patch = apply_liger_kernel_to_qwen2 if SHAPES[shape][0] == "qwen2" else apply_liger_kernel_to_llama
+        patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    model = lora(build_base(shape, device))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if variant == "seed_style":
+        from optimizer import SeedStyleTieredAdam  # bench/optimizer.py
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = SeedStyleTieredAdam(named, [1, 2, 4], lr=LR)
+    else:
+        opt = torch.optim.AdamW(params, lr=LR, fused=device.type == "cuda")
+    fwd = torch.compile(model) if variant == "peft_compile" else model
+    clock = StepClock(device)
+    opt_step = clock.wrap_step(opt.step)
+    samples = spec["samples"]
+    n_steps = spec["warmup"] + spec["steps"]
+    mem_before = torch.cuda.memory_allocated() if clock.cuda else 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if clock.cuda else torch.autocast("cpu", enabled=False)
+    losses = []
+    clock.mark()
+    for i in range(n_steps):
+        rows = [samples[(i * batch + j) % len(samples)] for j in range(batch)]
+        inputs = pad_batch(rows, device)
+        with autocast:
+            loss = fwd(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt_step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        clock.tokens.append(sum(map(len, rows)))
+        clock.lengths.append([len(r) for r in rows])
+        clock.mark()
+    out = clock.summary(spec["warmup"])
+    out["losses"] = [float(x) for x in torch.stack(losses).float().cpu()]
+    out["mem_before_first_step"] = mem_before
+    out["n_lora"] = sum(p.numel() for p in params)
+    return out
+
+
+def run_hf_trainer(spec: dict, device) -> dict:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    shape = spec["shape"]
+    _, _, batch, seq = SHAPES[shape]
+    model = lora(build_base(shape, device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    clock = StepClock(device)
+    samples = spec["samples"]
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, i):
+            return samples[i]
+
+    def collator(rows):
+        clock.tokens.append(sum(map(len, rows)))
+        clock.lengths.append([len(r) for r in rows])
+        return pad_batch(rows, "cpu")
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            clock.mark()
+
+        def on_step_end(self, args, state, control, **kw):
+            clock.mark()
+
+    n_steps = spec["warmup"] + spec["steps"]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=batch, max_steps=n_steps, learning_rate=LR,
+            lr_scheduler_type="constant", optim="adamw_torch_fused" if clock.cuda else "adamw_torch",
+            bf16=clock.cuda, logging_steps=10**6, save_strategy="no", report_to="none", dataloader_num_workers=0,
+            seed=0, remove_unused_columns=False, max_grad_norm=1.0, disable_tqdm=True, use_cpu=not clock.cuda,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=Data(), data_collator=collator, callbacks=[Clock()])
+        trainer.create_optimizer()
+        trainer.optimizer.step = clock.wrap_step(trainer.optimizer.step)
+        mem_before = torch.cuda.memory_allocated() if clock.cuda else 0
+        trainer.train()
+    out = clock.summary(spec["warmup"])
+    out["mem_before_first_step"] = mem_before
+    out["n_lora"] = sum(p.numel() for p in params)
+    return out
+
+
+def run_ours(spec: dict, device) -> dict:
+    """``run_training`` with only the loaders replaced: random weights and pre-tokenised samples."""
+    import nested_learning.trainer as trainer
+    from nested_learning.config import TrainConfig
+    from nested_learning.data import BatchPlan, Sample
+    from nested_learning.optim.torch import NestedAdamW
+
+    shape, variant = spec["shape"], spec["variant"]
+    _, _, batch, seq = SHAPES[shape]
+    check = variant == "ours_check"
+    n_steps = spec["warmup"] + spec["steps"]
+    out_dir = tempfile.mkdtemp(prefix="peers-ours-")
+    raw = {
+        "seed": 0,
+        "model": {"name_or_path": f"bench:{shape}", "compile": variant != "ours_eager"},
+        "lora": {"r": 16, "alpha": 32, "target_modules": TARGETS},
+        "data": {"max_length": seq, "packing": True, "shuffle": not check},
+        "tiers": {"periods": [1] if check else [1, 2, 4]},
+        # weight_decay 0.01 is torch.optim.AdamW's default, as in the plain loop.
+        "optim": {"lr": LR, "batch_size": batch, "weight_decay": 0.01, "max_grad_norm": 1.0},
+        "schedule": {"steps": n_steps, "warmup_steps": 0, "kind": "constant"},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 0, "save_best": False},
+        "output": {"dir": out_dir, "log_every": 1 if check else 10, "tensorboard": False, "overwrite": True},
+    }
+    cfg = TrainConfig.model_validate(raw)
+    samples = [Sample(ids, list(ids)) for ids in spec["samples"]]
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+        def save_pretrained(self, path):
+            pass
+
+    def prepare_data(c, tokenizer):
+        plan = BatchPlan(samples, c.optim.batch_size, seed=c.seed, shuffle=c.data.shuffle,
+                         group_by_length=c.data.group_by_length, packing=c.data.packing, max_length=c.data.max_length)
+        return samples, [], plan
+
+    trainer.load_tokenizer = lambda model_cfg: Tok()
+    trainer.prepare_data = prepare_data
+    mem = {}
+
+    trainer.load_model = lambda model_cfg: build_base(shape, device)
+    clock = StepClock(device)
+    NestedAdamW.step = clock.wrap_step(NestedAdamW.step)
+    real = {"seen": 0}
+    losses = []
+
+    class Clock(trainer.Callback):
+        def on_start(self, state):
+            mem["before"] = torch.cuda.memory_allocated() if clock.cuda else 0
+            clock.mark()
+
+        def on_step(self, state):
+            clock.mark()
+            clock.tokens.append(state.tokens_seen - real["seen"])
+            real["seen"] = state.tokens_seen
+            if check:
+                losses.append(state.train_loss)
+
+    # Sample lengths per step (for the attention FLOP term): packed rows are whole samples, so the lengths
+    # of the samples in each micro-batch are what BatchPlan.epoch lists.
+    import nested_learning.data as data_mod
+
+    orig_collate = data_mod.collate
+
+    def collate(batch_samples, *a, **k):
+        clock.lengths.append([len(s) for s in batch_samples])
+        return orig_collate(batch_samples, *a, **k)
+
+    data_mod.collate = collate
+    state = trainer.run_training(cfg, callbacks=[Clock()])
+    out = clock.summary(spec["warmup"])
+    out["mem_before_first_step"] = mem.get("before", 0)
+    out["n_lora"] = sum(n for t in state.tier_stats for n in [t.get("num_params", 0)])
+    out["final_loss"] = state.train_loss
+    if check:
+        out["losses"] = losses
+    return out
+
+
+def worker(spec: dict) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not spec.get("cpu") else "cpu")
+    torch.manual_seed(0)
+    spec["samples"] = make_samples(spec["shape"], spec["data"], spec["n_tokens"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    v = spec["variant"]
+    t0 = time.perf_counter()
+    res = run_ours(spec, device) if v.startswith("ours") else run_hf_trainer(spec, device) if v == "hf_trainer" \
+        else run_plain(spec, device)
+    res["wall_s"] = time.perf_counter() - t0
+    if device.type == "cuda":
+        res["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        res["reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
+        total = torch.cuda.get_device_properties(0).total_memory
+        per_sample = (torch.cuda.max_memory_allocated() - res["mem_before_first_step"]) / SHAPES[spec["shape"]][2]
+        res["fit_batch"] = int((0.95 * total - res["mem_before_first_step"]) // max(per_sample, 1))
+    flops = [useful_flops_per_step(spec["shape"], lens, res.get("n_lora", 0)) for lens in res["lengths"]]
+    res["useful_tflop_per_s"] = (sum(flops) / (sum(res["step_ms_all"]) / 1e3) / 1e12) if flops else None
+    res["mean_len"] = statistics.mean(n for lens in res["lengths"] for n in lens) if res["lengths"] else None
+    del res["lengths"]
+    return res
+
+
+def matmul_peak(cpu: bool) -> float:
+    """Median bf16 TFLOP/s of a random 8192^3 product (the MFU denominator)."""
+    if cpu or not torch.cuda.is_available():
+        return float("nan")
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(10):
+        a @ b
+    times = []
+    for _ in range(30):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return 2 * n**3 / (statistics.median(times) / 1e3) / 1e12
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="qwen0.5b,llama1b")
+    ap.add_argument("--data", default="fixed,realistic")
+    ap.add_argument("--variants", default=",".join(VARIANTS) + ",ours_check")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json", default=None, help="write (or merge into) this JSON file")
+    ap.add_argument("--timeout", type=int, default=400, help="seconds per variant process")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, 1+2 steps per variant")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        res = worker(json.loads(args.worker))
+        print("RESULT " + json.dumps(res))
+        return
+
+    if args.cpu_smoke:
+        args.shapes, args.warmup, args.steps = "smoke", 1, 2
+    peak = matmul_peak(args.cpu_smoke)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/peers-inductor"),
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    results = []
+    if args.json and Path(args.json).exists():
+        results = json.loads(Path(args.json).read_text()).get("runs", [])
+    for shape in args.shapes.split(","):
+        _, _, batch, seq = SHAPES[shape]
+        for setting in args.data.split(","):
+            for variant in args.variants.split(","):
+                if variant == "ours_check" and setting != "fixed":
+                    continue
+                steps = 10 if variant == "ours_check" and not args.cpu_smoke else args.steps
+                n_tokens = (args.warmup + steps + 2) * batch * seq * (1 if setting == "fixed" else 2)
+                spec = dict(shape=shape, data=setting, variant=variant, warmup=args.warmup, steps=steps,
+                            n_tokens=n_tokens, cpu=args.cpu_smoke)
+                t0 = time.perf_counter()
+                try:
+                    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                                          capture_output=True, text=True, timeout=args.timeout)
+                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                    res = json.loads(line[-1][7:]) if line else {"error": (proc.stderr or proc.stdout)[-1500:]}
+                except subprocess.TimeoutExpired:
+                    res = {"error": f"timeout after {args.timeout} s"}
+                res.update(shape=shape, data=setting, variant=variant, batch=batch, seq=seq,
+                           process_s=time.perf_counter() - t0)
+                if res.get("useful_tflop_per_s") and peak == peak:
+                    res["mfu"] = res["useful_tflop_per_s"] / peak
+                results = [r for r in results if (r["shape"], r["data"], r["variant"]) != (shape, setting, variant)]
+                results.append(res)
+                print(fmt_row(res), flush=True)
+                if "error" in res:
+                    print("   ", res["error"].strip().splitlines()[-1] if res["error"].strip() else "", flush=True)
+                if args.json:
+                    write_json(args.json, results, peak)
+    print()
+    print(table(results))
+
+
+def write_json(path: str, results: list, peak: float) -> None:
+    meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "matmul_peak_tflops": peak, "argv": sys.argv}
+    try:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    old = json.loads(Path(path).read_text()).get("meta", {}) if Path(path).exists() else {}
+    if peak != peak and old.get("matmul_peak_tflops"):
+        meta["matmul_peak_tflops"] = old["matmul_peak_tflops"]
+    Path(path).write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+
+
+def fmt_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['shape']:9} {r['data']:9} {r['variant']:13} ERROR"
+    f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    return (f"{r['shape']:9} {r['data']:9} {r['variant']:13} {r['real_tokens_per_s'] / 1e3:8.1f}k tok/s "
+            f"{r['step_ms']:8.1f} ms  opt {f(r.get('opt_ms'), 2):>6} ms  peak {f(r.get('peak_gib'))} GiB  "
+            f"mfu {f(r.get('mfu'), 3)}  fit_b {r.get('fit_batch', '-')}")
+
+
+def table(results: list) -> str:
+    lines = ["| shape | data | variant | real tok/s | vs peft_adamw | step ms | opt ms | peak GiB | vs peft_adamw "
+             "| MFU | est. max batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {(r["shape"], r["data"]): r for r in results if r["variant"] == "peft_adamw" and "error" not in r}
+    for r in results:
+        if r["variant"] == "ours_check":
+            continue
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['data']} | {r['variant']} | error | | | | | | | |")
+            continue
+        b = base.get((r["shape"], r["data"]))
+        sp = f"{r['real_tokens_per_s'] / b['real_tokens_per_s']:.2f}x" if b else "-"
+        mem = f"{r['peak_gib'] / b['peak_gib']:.2f}x" if b and r.get("peak_gib") else "-"
+        opt = f"{r['opt_ms']:.2f}" if r.get("opt_ms") is not None else "-"
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+        mfu = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "-"
+        lines.append(f"| {r['shape']} | {r['data']} | {r['variant']} | {r['real_tokens_per_s']:,.0f} | {sp} | "
+                     f"{r['step_ms']:.1f} | {opt} | {peak} | {mem} | {mfu} | {r.get('fit_batch', '-')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Chart of bench/peers.py results: real tokens/s and peak memory per variant, one panel pair per shape/data.
+
+    python bench/plot_peers.py docs/peers.json docs/peers.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ORDER = ["ours", "ours_eager", "peft_adamw", "peft_compile", "peft_liger", "hf_trainer", "seed_style"]
+
+
+def main(src: str, dst: str) -> None:
+    runs = [r for r in json.load(open(src))["runs"] if "error" not in r and r["variant"] in ORDER]
+    groups = sorted({(r["shape"], r["data"]) for r in runs})
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
+    for col, (shape, data) in enumerate(groups):
+        rows = sorted([r for r in runs if (r["shape"], r["data"]) == (shape, data)], key=lambda r: ORDER.index(r["variant"]))
+        names = [r["variant"] for r in rows]
+        colors = ["tab:green" if n.startswith("ours") else "tab:gray" for n in names]
+        ax = axes[0][col]
+        ax.barh(names, [r["real_tokens_per_s"] / 1e3 for r in rows], color=colors)
+        ax.set_title(f"{shape}, {data} (b{rows[0]['batch']}x{rows[0]['seq']})", fontsize=10)
+        ax.set_xlabel("real tokens/s (thousands)")
+        ax.invert_yaxis()
+        ax = axes[1][col]
+        ax.barh(names, [r.get("peak_gib") or 0 for r in rows], color=colors)
+        ax.set_xlabel("peak GiB (max_memory_allocated)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
