@@ -47,7 +47,8 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
     device: str = Field("auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
-    compile: bool = Field(False, description="Wrap the model in `torch.compile` (CUDA only; ignored on CPU).")
+    compile: bool = Field(True, description="Compile the decoder with `torch.compile` on CUDA (about 2x tokens/s on an H200; "
+                          "the first steps pay the compile time). Ignored on CPU.")
     loss_chunk_tokens: int = Field(
         2048, ge=0, description="Compute the head and cross-entropy over chunks of this many tokens, so the full "
         "(tokens x vocab) logits never exist (same loss; much less memory). 0: the model's own full-logits forward.",
