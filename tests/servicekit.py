@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -10,8 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -133,6 +135,25 @@ def kill_workers(workdir: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+@contextlib.contextmanager
+def running_server(root: Path, step_delay: float = 0.1) -> Iterator[Server]:
+    """A started server on ``root/work`` holding ``write_data``'s data; each worker step pauses ``step_delay`` s,
+    which keeps a job mid-run long enough to stop or kill it on any machine. On exit the server is stopped and
+    any worker it left behind is killed. For a module-scoped fixture::
+
+        with running_server(tmp_path_factory.mktemp("svc")) as srv:
+            yield srv
+    """
+    work = Path(root) / "work"
+    write_data(work)
+    srv = Server(work, env={"NL_WORKER_STEP_DELAY": str(step_delay)}).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        kill_workers(work)
 
 
 def wait_for(fn: Callable[[], Any], what: str, timeout: float = 90, interval: float = 0.25) -> Any:

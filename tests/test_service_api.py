@@ -12,20 +12,15 @@ import signal
 
 import pytest
 
-from servicekit import Server, job_config, kill_workers, wait_for, wait_job, write_data
+from servicekit import job_config, running_server, wait_for, wait_job
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    work = tmp_path_factory.mktemp("svc") / "work"
-    write_data(work)
-    # A short pause per step keeps a job mid-run long enough to stop or kill it on any machine.
-    srv = Server(work, env={"NL_WORKER_STEP_DELAY": "0.1"}).start()
-    yield srv
-    srv.stop()
-    kill_workers(work)
+    with running_server(tmp_path_factory.mktemp("svc")) as srv:
+        yield srv
 
 
 def read_events(client, job_id: str, timeout: float = 120) -> list[tuple[str, dict]]:

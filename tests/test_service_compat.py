@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from servicekit import Server, kill_workers, wait_for, write_data
+from servicekit import running_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,8 @@ OLD_START = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    work = tmp_path_factory.mktemp("compat") / "work"
-    write_data(work)
-    srv = Server(work, env={"NL_WORKER_STEP_DELAY": "0.1"}).start()
-    yield srv
-    srv.stop()
-    kill_workers(work)
+    with running_server(tmp_path_factory.mktemp("compat")) as srv:
+        yield srv
 
 
 def test_idle_before_any_job(server):

@@ -22,20 +22,17 @@ compiles its step function (``mx.compile(inputs=state, outputs=state)``). Counte
 accumulators are all in :attr:`state`, so ``tree_flatten(opt.state)`` / ``opt.state = tree_unflatten(...)``
 (or :meth:`state_dict` / :meth:`load_state_dict`) resume exactly, also in the middle of a slow tier's chunk.
 
-Layout of :attr:`state`::
-
-    step            uint64 scalar   global step s (MLX's own counter)
-    learning_rate   float32 scalar  base learning rate (schedule value of the last step)
-    tiers           [{"period", "updates" (n_k), "pending" (gradients in the accumulator)}, ...]
-    params          a tree mirroring the trainable parameters; each leaf is
-                    {"tier": int32, "m": float32, "v": float32[, "acc": float32]}
+The layout of :attr:`state` (``step``, ``learning_rate``, per-tier ``tiers`` counters, and a ``params`` tree
+of per-parameter ``tier`` / ``m`` / ``v`` / ``acc``) is documented, with the helpers that build and walk it, in
+:mod:`nested_learning.optim.mlx_state`.
 
 Tiers are assigned from flattened parameter names (``mlx.utils.tree_flatten``, e.g.
 ``model.layers.3.self_attn.q_proj.lora_a``) with :func:`nested_learning.tiers.assign_tiers`, or from an
 explicit ``tier_map`` (name -> tier index). Trainable parameters that nothing maps go to the slowest tier,
 with one warning listing them.
 
-This module imports ``mlx``; nothing else in ``nested_learning`` imports it, so mlx stays optional.
+This module and its helper :mod:`nested_learning.optim.mlx_state` import ``mlx``; nothing else in
+``nested_learning`` imports either, so mlx stays optional.
 """
 
 from __future__ import annotations
@@ -48,71 +45,20 @@ import mlx.nn as nn
 from mlx.optimizers import Optimizer
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
+from nested_learning.optim.mlx_state import (
+    check_state,
+    fresh_tier_state,
+    get_path,
+    has_path,
+    is_param_state,
+    numel,
+    recorded_tiers,
+    set_path,
+)
+
 __all__ = ["NestedAdamW"]
 
 _ACCUMULATE_MODES = ("mean", "sum", "last")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# small tree helpers (paths are tree_flatten names: dict keys and list indices joined by ".")
-
-
-def _get_path(tree: Any, path: str) -> Any:
-    node = tree
-    for part in path.split("."):
-        node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
-    return node
-
-
-def _has_path(tree: Any, path: str) -> bool:
-    try:
-        _get_path(tree, path)
-    except (KeyError, IndexError, ValueError, TypeError):
-        return False
-    return True
-
-
-def _set_path(tree: dict, path: str, value: Any) -> None:
-    """Set ``tree[path] = value``, creating dicts (and lists for integer keys) on the way."""
-    parts = path.split(".")
-    node: Any = tree
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        nxt_is_index = not last and parts[i + 1].isdigit()
-        if isinstance(node, list):
-            idx = int(part)
-            while len(node) <= idx:
-                node.append({})
-            if last:
-                node[idx] = value
-            else:
-                if not isinstance(node[idx], (dict, list)) or (
-                    nxt_is_index and isinstance(node[idx], dict) and not node[idx]
-                ):
-                    node[idx] = [] if nxt_is_index else {}
-                node = node[idx]
-        else:
-            if last:
-                node[part] = value
-            else:
-                if part not in node or not isinstance(node[part], (dict, list)):
-                    node[part] = [] if nxt_is_index else {}
-                node = node[part]
-
-
-def _is_param_state(x: Any) -> bool:
-    return (isinstance(x, dict) and "m" in x and "v" in x
-            and all(isinstance(a, mx.array) for a in x.values()))
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 
 class NestedAdamW(Optimizer):
@@ -207,7 +153,7 @@ class NestedAdamW(Optimizer):
 
         self._maybe_schedule("learning_rate", learning_rate)
         self._state["learning_rate"] = self._state["learning_rate"].astype(mx.float32)
-        self._state["tiers"] = self._fresh_tier_state()
+        self._state["tiers"] = fresh_tier_state(self.periods)
         self._state["params"] = {}
 
         self._tier_of: dict[str, int] = {}  # flattened name -> tier (Python side, fixed at init)
@@ -225,16 +171,6 @@ class NestedAdamW(Optimizer):
         """Index of the tier with the largest period (the last one among ties)."""
         longest = max(self.periods)
         return max(k for k, p in enumerate(self.periods) if p == longest)
-
-    def _fresh_tier_state(self) -> list[dict]:
-        return [
-            {
-                "period": mx.array(p, mx.int32),
-                "updates": mx.array(0, mx.int32),
-                "pending": mx.array(0, mx.int32),
-            }
-            for p in self.periods
-        ]
 
     def _uses_acc(self, k: int) -> bool:
         return self.accumulate != "last" and self.periods[k] > 1
@@ -281,7 +217,7 @@ class NestedAdamW(Optimizer):
         flat = [(n, a) for n, a in tree_flatten(parameters) if isinstance(a, mx.array)]
         pstate = self._state.setdefault("params", {})
         if "tiers" not in self._state:
-            self._state["tiers"] = self._fresh_tier_state()
+            self._state["tiers"] = fresh_tier_state(self.periods)
 
         new: list[tuple[str, mx.array]] = []
         for name, arr in flat:
@@ -294,11 +230,11 @@ class NestedAdamW(Optimizer):
                 self._tier_of[name] = mapping[name]
         for name, arr in flat:
             k = self._tier_of[name]
-            if _has_path(pstate, name) and _is_param_state(_get_path(pstate, name)):
-                leaf = _get_path(pstate, name)
+            if has_path(pstate, name) and is_param_state(get_path(pstate, name)):
+                leaf = get_path(pstate, name)
             else:
                 leaf = {}
-                _set_path(pstate, name, leaf)
+                set_path(pstate, name, leaf)
             leaf["tier"] = mx.array(k, mx.int32)
             self.init_single(arr, leaf)
             if self._uses_acc(k) and "acc" not in leaf:
@@ -364,7 +300,7 @@ class NestedAdamW(Optimizer):
             if k is None:
                 raise KeyError(f"no optimizer state for parameter {path!r}; call init() with all trainable "
                                "parameters first")
-            st = _get_path(pstate, path)
+            st = get_path(pstate, path)
             d = due[k]
             g32 = g.astype(mx.float32)
             if self._uses_acc(k):
@@ -416,8 +352,8 @@ class NestedAdamW(Optimizer):
             for name, tk in self._tier_of.items():
                 if tk != k:
                     continue
-                st = _get_path(self.state["params"], name)
-                param = _get_path(model, name)
+                st = get_path(self.state["params"], name)
+                param = get_path(model, name)
                 acc = st["acc"]
                 G = acc / float(count) if self.accumulate == "mean" else acc
                 p_new, st["m"], st["v"] = self._adamw(G, st["m"], st["v"], param.astype(mx.float32), lr_k, n)
@@ -454,7 +390,7 @@ class NestedAdamW(Optimizer):
                 "updates": int(t["updates"].item()),
                 "pending": int(t["pending"].item()),
                 "num_tensors": len(names),
-                "num_params": sum(_numel(self._shape_of.get(n, ())) for n in names),
+                "num_params": sum(numel(self._shape_of.get(n, ())) for n in names),
             })
         return out
 
@@ -464,29 +400,20 @@ class NestedAdamW(Optimizer):
 
     @property
     def state(self):
-        """The optimizer's state tree (see the module docstring for its layout)."""
+        """The optimizer's state tree (layout: :mod:`nested_learning.optim.mlx_state`)."""
         return self._state
 
     @state.setter
     def state(self, state: dict) -> None:
         """Replace the whole state (exact resume); the tiers recorded in it win over any assignment."""
-        if not isinstance(state, dict) or "tiers" not in state or "step" not in state:
-            raise ValueError("not a NestedAdamW state: missing 'step' or 'tiers'")
-        ts = state["tiers"]
-        if len(ts) != self.num_tiers:
-            raise ValueError(f"optimizer state has {len(ts)} tiers, this optimizer {self.num_tiers}")
-        for k, t in enumerate(ts):
-            if "period" in t and int(t["period"].item()) != self.periods[k]:
-                raise ValueError(f"optimizer state has period {int(t['period'].item())} for tier {k}, "
-                                 f"this optimizer {self.periods[k]}")
+        check_state(state, self.periods)
         self._initialized = False  # init() on next use adds state for parameters the tree lacks
         self._state = state
         state.setdefault("params", {})
         self._tier_of = {}
-        for name, leaf in tree_flatten(state["params"], is_leaf=_is_param_state):
-            if _is_param_state(leaf) and "tier" in leaf:
-                self._tier_of[name] = int(leaf["tier"].item())
-                self._shape_of[name] = tuple(leaf["m"].shape)
+        for name, (k, shape) in recorded_tiers(state["params"]).items():
+            self._tier_of[name] = k
+            self._shape_of[name] = shape
 
     def load_state_dict(self, state: Mapping[str, mx.array]) -> None:
         """Restore from :meth:`state_dict` (or ``dict(tree_flatten(opt.state))``); exact resume."""
