@@ -52,6 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from stepprof import StepProfiler  # noqa: E402
 
 GiB = 2**30
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -175,11 +176,12 @@ class StepClock:
 
         return timed
 
-    def summary(self, warmup: int) -> dict:
+    def summary(self, warmup: int, timed: int | None = None) -> dict:
         if self.cuda:
             torch.cuda.synchronize()
-        steps = [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])][warmup:]
-        opt = [x if isinstance(x, float) else x[0].elapsed_time(x[1]) for x in self.opt_events][warmup:]
+        end = warmup + timed if timed else None  # steps after the timed window (profiled ones) are left out
+        steps = [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])][warmup:end]
+        opt = [x if isinstance(x, float) else x[0].elapsed_time(x[1]) for x in self.opt_events][warmup:end]
         toks = self.tokens[warmup : warmup + len(steps)]
         return {"step_ms": statistics.median(steps), "step_ms_all": steps,
                 "opt_ms": statistics.median(opt) if opt else None,
@@ -215,6 +217,8 @@ def run_plain(spec: dict, device) -> dict:
     mem_before = torch.cuda.memory_allocated() if clock.cuda else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if clock.cuda else torch.autocast("cpu", enabled=False)
     losses = []
+    prof = StepProfiler(spec.get("profile"), f"{shape}-{spec['data']}-{spec.get('label', variant)}", n_steps)
+    n_steps += prof.extra_steps
     clock.mark()
     for i in range(n_steps):
         rows = [samples[(i * batch + j) % len(samples)] for j in range(batch)]
@@ -229,7 +233,8 @@ def run_plain(spec: dict, device) -> dict:
         clock.tokens.append(sum(map(len, rows)))
         clock.lengths.append([len(r) for r in rows])
         clock.mark()
-    out = clock.summary(spec["warmup"])
+        prof.tick(i + 1)
+    out = clock.summary(spec["warmup"], spec["steps"])
     out["losses"] = [float(x) for x in torch.stack(losses).float().cpu()]
     out["mem_before_first_step"] = mem_before
     out["n_lora"] = sum(p.numel() for p in params)
@@ -278,7 +283,7 @@ def run_hf_trainer(spec: dict, device) -> dict:
         trainer.optimizer.step = clock.wrap_step(trainer.optimizer.step)
         mem_before = torch.cuda.memory_allocated() if clock.cuda else 0
         trainer.train()
-    out = clock.summary(spec["warmup"])
+    out = clock.summary(spec["warmup"], spec["steps"])
     out["mem_before_first_step"] = mem_before
     out["n_lora"] = sum(p.numel() for p in params)
     return out
@@ -309,6 +314,18 @@ def run_ours(spec: dict, device) -> dict:
         "checkpoint": {"every": 0, "save_best": False},
         "output": {"dir": out_dir, "log_every": 1 if check else 10, "tensorboard": False, "overwrite": True},
     }
+    for item in spec.get("overrides", []):  # --set KEY=VALUE, as `nested-learning train --set` reads them
+        key, _, value = item.partition("=")
+        *path, leaf = key.split(".")
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+        try:
+            node[leaf] = json.loads(value)
+        except json.JSONDecodeError:
+            node[leaf] = value
+    prof = StepProfiler(spec.get("profile"), f"{shape}-{spec['data']}-{spec.get('label', variant)}", n_steps)
+    raw["schedule"]["steps"] = n_steps + prof.extra_steps
     cfg = TrainConfig.model_validate(raw)
     samples = [Sample(ids, list(ids)) for ids in spec["samples"]]
 
@@ -344,6 +361,7 @@ def run_ours(spec: dict, device) -> dict:
             real["seen"] = state.tokens_seen
             if check:
                 losses.append(state.train_loss)
+            prof.tick(state.step)
 
     # Sample lengths per step (for the attention FLOP term): packed rows are whole samples, so the lengths
     # of the samples in each micro-batch are what BatchPlan.epoch lists.
@@ -357,7 +375,7 @@ def run_ours(spec: dict, device) -> dict:
 
     data_mod.collate = collate
     state = trainer.run_training(cfg, callbacks=[Clock()])
-    out = clock.summary(spec["warmup"])
+    out = clock.summary(spec["warmup"], spec["steps"])
     out["mem_before_first_step"] = mem.get("before", 0)
     out["n_lora"] = sum(n for t in state.tier_stats for n in [t.get("num_params", 0)])
     out["final_loss"] = state.train_loss
@@ -419,6 +437,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default=None, help="write (or merge into) this JSON file")
     ap.add_argument("--timeout", type=int, default=400, help="seconds per variant process")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the ours* variants (e.g. model.fused_lora=false)")
+    ap.add_argument("--tag", default="", help="suffix for the ours* variant names in the results (with --set)")
+    ap.add_argument("--profile", default=None, help="write a kernel-time breakdown of 3 steps per variant here")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, 1+2 steps per variant")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -443,9 +465,12 @@ def main() -> None:
                 if variant == "ours_check" and setting != "fixed":
                     continue
                 steps = 10 if variant == "ours_check" and not args.cpu_smoke else args.steps
-                n_tokens = (args.warmup + steps + 2) * batch * seq * (1 if setting == "fixed" else 2)
+                n_tokens = (args.warmup + steps + 6) * batch * seq * (1 if setting == "fixed" else 2)
                 spec = dict(shape=shape, data=setting, variant=variant, warmup=args.warmup, steps=steps,
-                            n_tokens=n_tokens, cpu=args.cpu_smoke)
+                            n_tokens=n_tokens, cpu=args.cpu_smoke, profile=args.profile,
+                            overrides=args.set if variant.startswith("ours") else [])
+                if variant.startswith("ours") and args.tag:
+                    variant = spec["label"] = f"{variant}+{args.tag}"
                 t0 = time.perf_counter()
                 try:
                     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,

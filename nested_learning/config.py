@@ -49,6 +49,11 @@ class ModelConfig(_Section):
     device: str = Field("auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
     compile: bool = Field(True, description="Compile the decoder with `torch.compile` on CUDA (about 2x tokens/s on an H200; "
                           "the first steps pay the compile time). Ignored on CPU.")
+    fused_lora: bool = Field(
+        True, description="Run LoRA projections that share an input (q/k/v, gate/up) as one frozen GEMM plus one "
+        "low-rank pair (same math, fewer and larger kernels; see `nested_learning/fused_lora.py`). Applies when "
+        "LoRA dropout is 0 and DoRA is off; otherwise PEFT's own per-projection path runs.",
+    )
     loss_chunk_tokens: int = Field(
         2048, ge=0, description="Compute the head and cross-entropy over chunks of this many tokens, so the full "
         "(tokens x vocab) logits never exist (same loss; much less memory). 0: the model's own full-logits forward.",

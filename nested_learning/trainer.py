@@ -27,6 +27,7 @@ from nested_learning.config import ConfigError, ScheduleConfig, TrainConfig
 from nested_learning.evaluate import evaluate_loss
 from nested_learning.loss import make_loss_fn
 from nested_learning.metrics import MetricsLog
+from nested_learning.fused_lora import fuse_lora_groups
 from nested_learning.model import autocast_context, load_model, load_tokenizer, maybe_compile, wrap_lora
 
 __all__ = ["Callback", "TrainerState", "TrainingError", "accumulate_gradients", "lr_lambda", "run_training"]
@@ -221,6 +222,8 @@ def run_training(
     model = wrap_lora(base, cfg.lora, seed=cfg.seed)
     if saved is not None:
         ckpt.load_adapter_weights(model, resume_from)
+    if cfg.model.fused_lora:
+        fuse_lora_groups(model)
     pad_id = tokenizer.pad_token_id
     probe = make_probe(model, iterate_batches(train, plan, pad_id), device, cfg.tiers.probe_steps, loss_fn)
     optimizer, scheduler, assignment, plan_text = build_optimizer(

@@ -1,5 +1,5 @@
-"""Every speed switch leaves the numbers unchanged: chunked head + cross-entropy, flat optimizer buffers,
-packing, loss read-back interval and compile (a no-op on CPU). Tiny models, float32, CPU."""
+"""Every speed switch leaves the numbers unchanged: chunked head + cross-entropy, grouped LoRA GEMMs, flat
+optimizer buffers, packing, loss read-back interval and compile (a no-op on CPU). Tiny models, float32, CPU."""
 
 from __future__ import annotations
 
@@ -97,13 +97,14 @@ def _losses(tmp_path, name, **sections):
 
 
 def test_every_switch_leaves_the_training_loss_unchanged(tmp_path):
-    base, base_state = _losses(tmp_path, "base", model={"device": "cpu", "loss_chunk_tokens": 0},
+    base, base_state = _losses(tmp_path, "base", model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False},
                                optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": False})
     switches = {
-        "chunked": dict(model={"device": "cpu", "loss_chunk_tokens": 16}),
-        "flat": dict(model={"device": "cpu", "loss_chunk_tokens": 0}, optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": True}),
-        "compile": dict(model={"device": "cpu", "compile": True}),
-        "all": dict(model={"device": "cpu", "loss_chunk_tokens": 16, "compile": True},
+        "chunked": dict(model={"device": "cpu", "loss_chunk_tokens": 16, "fused_lora": False}),
+        "fused_lora": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": True}),
+        "flat": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False}, optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": True}),
+        "compile": dict(model={"device": "cpu", "compile": True, "fused_lora": False}),
+        "all": dict(model={"device": "cpu", "loss_chunk_tokens": 16, "compile": True, "fused_lora": True},
                     optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": True}),
     }
     for name, sections in switches.items():

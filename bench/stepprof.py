@@ -1,0 +1,66 @@
+"""Kernel-time breakdown of a few training steps (``torch.profiler``), for ``bench/peers.py --profile DIR``.
+
+Writes ``<dir>/<shape>-<data>-<variant>.txt``: CUDA time per step by kernel family (GEMM, attention, Triton
+fused, copies, the rest) and the 80 kernels that take the most time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+FAMILIES = [
+    ("gemm", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|cublas|wgmma", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|efficient_attention", re.I)),
+    ("triton", re.compile(r"^triton_", re.I)),
+    ("copy/cast", re.compile(r"copy|memcpy|memset|cast|fill", re.I)),
+    ("reduce", re.compile(r"reduce|softmax|norm", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled", re.I)),
+]
+
+
+class StepProfiler:
+    """Call ``tick(step)`` after every optimizer step; profiles steps ``start`` .. ``start + count - 1``."""
+
+    def __init__(self, out_dir: str | None, name: str, start: int, count: int = 3):
+        self.out = Path(out_dir) / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.txt" if out_dir else None
+        self.start, self.count, self.prof = start, count, None
+        # steps the caller adds after its timed ones (profiling slows the steps it covers)
+        self.extra_steps = count + 1 if self.out is not None and torch.cuda.is_available() else 0
+
+    def tick(self, step: int) -> None:
+        if self.out is None or not torch.cuda.is_available():
+            return
+        if step == self.start:
+            torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+        elif step == self.start + self.count and self.prof is not None:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(self.report())
+            self.prof = None
+
+    def report(self) -> str:
+        per = defaultdict(float)
+        rows = []
+        for ev in self.prof.key_averages():
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if t <= 0 or ev.key.startswith("ProfilerStep"):
+                continue
+            fam = next((f for f, rx in FAMILIES if rx.search(ev.key)), "other")
+            per[fam] += t
+            rows.append((t, ev.count, fam, ev.key))
+        total = sum(per.values())
+        lines = [f"CUDA kernel time per step: {total / self.count / 1e3:.2f} ms (sum over kernels)"]
+        for fam, t in sorted(per.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {fam:12} {t / self.count / 1e3:8.2f} ms  {100 * t / total:5.1f}%")
+        lines.append("")
+        lines.append(f"{'ms/step':>8} {'calls/step':>10}  family       kernel")
+        for t, n, fam, key in sorted(rows, reverse=True)[:80]:
+            lines.append(f"{t / self.count / 1e3:8.3f} {n / self.count:10.1f}  {fam:12} {key[:150]}")
+        return "\n".join(lines) + "\n"

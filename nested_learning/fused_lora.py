@@ -1,0 +1,195 @@
+"""Grouped LoRA: projections that read the same input run as one GEMM (base) plus one low-rank pair.
+
+A decoder layer feeds one tensor into ``q_proj``, ``k_proj`` and ``v_proj``, and another into ``gate_proj``
+and ``up_proj``. Under PEFT each of those is its own frozen GEMM plus two skinny LoRA GEMMs (rank r) and an
+add, forward and backward: per Llama layer 7 large and ~35 small launches, most of them memory-bound on
+the same input. ``fuse_lora_groups`` makes each group one computation:
+
+    y = x @ W_cat^T (+ b_cat)  +  (x @ A_cat^T) @ B_blk^T          (one output, split per projection)
+
+``W_cat`` is the members' frozen weights stacked along the output dimension; the members' ``weight``
+parameters become views into it, so no memory is added. ``A_cat`` stacks the members' ``lora_A`` (ranks add
+up), ``B_blk`` is block-diagonal in the members' ``lora_B`` times their scaling, rebuilt each call from the
+trainable parameters (a few hundred KiB), so gradients flow to PEFT's own parameters: checkpoints, the
+optimizer and ``save_pretrained`` see nothing new. The low-rank product accumulates into the base GEMM's
+output in place (``addmm``: the add is the GEMM epilogue) and backward is hand-written: one ``dy @ W_cat``,
+one ``dy @ B_blk``, and the two small weight gradients.
+
+Mechanics: the first member's ``forward`` computes the whole group and hands the other members their slices
+when they are called next with the *same* input tensor (the order every supported architecture uses). Any
+member called on another input, or while the group cannot be fused (merged, adapters disabled, dropout,
+DoRA, several active adapters, extra arguments), runs PEFT's own forward, so results never depend on this
+module being right about the model's call order; only speed does.
+
+The math is PEFT's, up to where rounding happens: the low-rank term is added inside the GEMM in float32
+rather than rounded to bf16 first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["GROUPS", "LoraGroup", "fuse_lora_groups", "unfuse_lora_groups"]
+
+log = logging.getLogger("nested_learning.fused_lora")
+
+# Sibling projections that read the same input, in the order the model calls them.
+GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _GroupedLoraGEMM(torch.autograd.Function):
+    """y = x W^T (+ bias) + (x A^T) B^T for 2-D ``x``; ``weight`` and ``bias`` frozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b):
+        h = x @ a.t()  # (M, R)
+        y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+        y.addmm_(h, b.t())
+        ctx.save_for_backward(x, weight, a, b, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, a, b, h = ctx.saved_tensors
+        dy = dy.contiguous()
+        g = dy @ b  # (M, R): gradient at the low-rank bottleneck
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ weight
+            dx.addmm_(g, a)
+        da = g.t() @ x if ctx.needs_input_grad[3] else None
+        db = dy.t() @ h if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, db
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+@dataclass(eq=False)
+class LoraGroup:
+    """One fused group: its PEFT LoRA layers, the stacked frozen weight and bias, and the pending split."""
+
+    names: tuple[str, ...]
+    members: list  # peft.tuners.lora.layer.Linear, in call order
+    weight: torch.Tensor  # (sum out, in) frozen, members' weights are views into it
+    bias: torch.Tensor | None
+    sizes: list[int]
+    _pending: tuple | None = field(default=None, repr=False)
+
+    def fusable(self) -> bool:
+        for m in self.members:
+            active = m.active_adapters
+            if m.merged or m.disable_adapters or len(active) != 1:
+                return False
+            name = active[0]
+            if name not in m.lora_A or name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name):
+                return False
+            if not isinstance(m.lora_dropout[name], torch.nn.Identity):
+                return False
+        return True
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All members' outputs for input ``x`` (..., in), as views of one (..., sum out) tensor."""
+        adapters = [m.active_adapters[0] for m in self.members]
+        a = torch.cat([m.lora_A[n].weight for m, n in zip(self.members, adapters)], 0)
+        b = torch.block_diag(*[m.lora_B[n].weight * m.scaling[n] for m, n in zip(self.members, adapters)])
+        dtype = _compute_dtype(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        w = self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = _GroupedLoraGEMM.apply(x2, w, bias, a.to(dtype), b.to(dtype))
+        return y.view(*lead, y.shape[-1]).split(self.sizes, dim=-1)
+
+    def member_forward(self, index: int, original):
+        last = len(self.members) - 1
+
+        def forward(x, *args, **kwargs):
+            if args or kwargs or not self.fusable():
+                return original(x, *args, **kwargs)
+            if index == 0:
+                parts = self.run(x)
+                self._pending = (x, parts)
+                return parts[0]
+            pending = self._pending
+            if pending is not None and pending[0] is x:
+                if index == last:
+                    self._pending = None
+                return pending[1][index]
+            return original(x, *args, **kwargs)
+
+        return forward
+
+
+def _lora_linear_children(parent, names):
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    found = [getattr(parent, n, None) for n in names]
+    if not all(isinstance(m, LoraLinear) for m in found):
+        return None
+    bases = [m.get_base_layer() for m in found]
+    if not all(type(b) is torch.nn.Linear for b in bases):
+        return None
+    w0 = bases[0].weight
+    if any(b.in_features != bases[0].in_features or b.weight.dtype != w0.dtype or b.weight.device != w0.device
+           for b in bases):
+        return None
+    if len({b.bias is None for b in bases}) != 1:
+        return None
+    return found
+
+
+def fuse_lora_groups(model, groups: tuple[tuple[str, ...], ...] = GROUPS) -> list[LoraGroup]:
+    """Fuse every group of sibling LoRA projections found in ``model`` (a PEFT model); returns the groups.
+
+    Idempotent: already fused modules are skipped. ``unfuse_lora_groups`` restores PEFT's forwards.
+    """
+    fused = []
+    for parent in model.modules():
+        for names in groups:
+            members = _lora_linear_children(parent, names)
+            if members is None or any("forward" in vars(m) for m in members):
+                continue
+            bases = [m.get_base_layer() for m in members]
+            with torch.no_grad():
+                weight = torch.cat([b.weight for b in bases], 0)
+                bias = None if bases[0].bias is None else torch.cat([b.bias for b in bases], 0)
+                start = 0
+                for b in bases:  # the members' frozen weights become views of the stacked copy
+                    n = b.out_features
+                    b.weight.data = weight[start : start + n]
+                    if bias is not None:
+                        b.bias.data = bias[start : start + n]
+                    start += n
+            group = LoraGroup(names, members, weight, bias, [b.out_features for b in bases])
+            for i, m in enumerate(members):
+                m.forward = group.member_forward(i, type(m).forward.__get__(m))
+            fused.append(group)
+    if fused:
+        log.info("fused LoRA groups: %d (%s)", len(fused), ", ".join(sorted({"+".join(g.names) for g in fused})))
+    return fused
+
+
+def unfuse_lora_groups(model) -> int:
+    """Give every fused member PEFT's forward and its own contiguous weight again; returns how many."""
+    n = 0
+    for m in model.modules():
+        if "forward" in vars(m) and hasattr(m, "lora_A") and hasattr(m, "get_base_layer"):
+            del m.forward
+            base = m.get_base_layer()
+            with torch.no_grad():
+                base.weight.data = base.weight.data.clone()
+                if base.bias is not None:
+                    base.bias.data = base.bias.data.clone()
+            n += 1
+    return n
