@@ -11,9 +11,9 @@ the same input. ``fuse_lora_groups`` makes each group one computation:
 parameters become views into it, so no memory is added. ``A_cat`` stacks the members' ``lora_A`` (ranks add
 up), ``B_blk`` is block-diagonal in the members' ``lora_B`` times their scaling, rebuilt each call from the
 trainable parameters (a few hundred KiB), so gradients flow to PEFT's own parameters: checkpoints, the
-optimizer and ``save_pretrained`` see nothing new. The low-rank product accumulates into the base GEMM's
-output in place (``addmm``: the add is the GEMM epilogue) and backward is hand-written: one ``dy @ W_cat``,
-one ``dy @ B_blk``, and the two small weight gradients.
+optimizer and ``save_pretrained`` see nothing new. The low-rank product is added by ``addmm`` into the base
+GEMM's output (the add is the GEMM epilogue); everything is plain differentiable ops, so autograd, autocast
+and ``torch.compile`` handle it as they handle ``nn.Linear``.
 
 Mechanics: the first member's ``forward`` computes the whole group and hands the other members their slices
 when they are called next with the *same* input tensor (the order every supported architecture uses). Any
@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["GROUPS", "LoraGroup", "fuse_lora_groups", "unfuse_lora_groups"]
 
@@ -38,38 +39,6 @@ log = logging.getLogger("nested_learning.fused_lora")
 
 # Sibling projections that read the same input, in the order the model calls them.
 GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-class _GroupedLoraGEMM(torch.autograd.Function):
-    """y = x W^T (+ bias) + (x A^T) B^T for 2-D ``x``; ``weight`` and ``bias`` frozen."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b):
-        h = x @ a.t()  # (M, R)
-        y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-        y.addmm_(h, b.t())
-        ctx.save_for_backward(x, weight, a, b, h)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, a, b, h = ctx.saved_tensors
-        dy = dy.contiguous()
-        g = dy @ b  # (M, R): gradient at the low-rank bottleneck
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = dy @ weight
-            dx.addmm_(g, a)
-        da = g.t() @ x if ctx.needs_input_grad[3] else None
-        db = dy.t() @ h if ctx.needs_input_grad[4] else None
-        return dx, None, None, da, db
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
 
 
 @dataclass(eq=False)
@@ -96,17 +65,19 @@ class LoraGroup:
         return True
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """All members' outputs for input ``x`` (..., in), as views of one (..., sum out) tensor."""
+        """All members' outputs for input ``x`` (..., in), as views of one (..., sum out) tensor.
+
+        Plain differentiable ops, so autograd, autocast and ``torch.compile`` treat them like any linear layer:
+        the frozen GEMM, the (M, R) bottleneck, and ``addmm`` adding the low-rank product into the GEMM's
+        output (cuBLAS does the add in the GEMM epilogue). Backward is autograd's: ``dy @ W_cat``,
+        ``dy @ B_blk``, the two small weight gradients, no gradient for the frozen weight."""
         adapters = [m.active_adapters[0] for m in self.members]
         a = torch.cat([m.lora_A[n].weight for m, n in zip(self.members, adapters)], 0)
         b = torch.block_diag(*[m.lora_B[n].weight * m.scaling[n] for m, n in zip(self.members, adapters)])
-        dtype = _compute_dtype(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        w = self.weight.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = _GroupedLoraGEMM.apply(x2, w, bias, a.to(dtype), b.to(dtype))
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, self.weight, self.bias)
+        y = torch.addmm(y, F.linear(x2, a), b.t())
         return y.view(*lead, y.shape[-1]).split(self.sizes, dim=-1)
 
     def member_forward(self, index: int, original):
