@@ -73,7 +73,10 @@ def _chunk_fn(device: torch.device) -> Callable:
         return _ce_chunk
     if _compiled_chunk is None:
         try:
-            _compiled_chunk = torch.compile(_ce_chunk, dynamic=False)
+            # dynamic=None: the last chunk of a step and packed widths vary, so after the first new row count
+            # the chunk is recompiled once with a symbolic row count instead of once per count (which would
+            # hit dynamo's recompile limit and fall back to eager).
+            _compiled_chunk = torch.compile(_ce_chunk, dynamic=None)
         except Exception as exc:  # pragma: no cover - depends on the CUDA toolchain
             log.warning("chunked loss: torch.compile unavailable (%s); using the eager chunk", exc)
             _compiled_chunk = _ce_chunk
