@@ -2,6 +2,8 @@
 
     python bench/peers.py --shapes qwen0.5b,llama1b --data fixed,realistic --json docs/peers.json
     python bench/peers.py --cpu-smoke            # tiny model on the CPU: checks every variant runs
+    python bench/peers.py --variants ours --set model.fused_lora=false --tag nofuse   # a switch, side by side
+    python bench/peers.py --variants ours,peft_compile --profile prof/   # + kernel-time breakdown per variant
 
 Every variant runs in its own process (own peak memory, own compile cache state) on the same randomly
 initialised model of a real architecture (shapes below; no download), the same synthetic token data, LoRA
@@ -365,7 +367,7 @@ def run_ours(spec: dict, device) -> dict:
 
     # Sample lengths per step (for the attention FLOP term): packed rows are whole samples, so the lengths
     # of the samples in each micro-batch are what BatchPlan.epoch lists.
-    import nested_learning.data as data_mod
+    import nested_learning.data.batching as data_mod  # iterate_batches calls batching.collate
 
     orig_collate = data_mod.collate
 
