@@ -49,6 +49,12 @@ class ModelConfig(_Section):
     device: str = Field("auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
     compile: bool = Field(True, description="Compile the decoder with `torch.compile` on CUDA (about 2x tokens/s on an H200; "
                           "the first steps pay the compile time). Ignored on CPU.")
+    activation_memory_budget: float = Field(
+        1.0, gt=0.0, le=1.0, description="With `compile` on: the share of the activations the compiled graph may keep "
+        "for backward (torch's partitioner recomputes the rest, cheapest first). 1.0 is torch's default (keep what "
+        "is fastest); e.g. 0.8 saves ~30% of a Qwen-0.5B layer's activations by recomputing norms and element-wise "
+        "work. Trades step time for memory; the step-time cost on a GPU is not measured yet.",
+    )
     fused_lora: bool = Field(
         False, description="Run LoRA projections that share an input (q/k/v, gate/up) as one frozen GEMM plus one "
         "low-rank pair (same math, fewer and larger kernels; see `nested_learning/fused_lora.py`). Applies when "

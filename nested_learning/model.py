@@ -160,9 +160,22 @@ def maybe_compile(model, cfg: ModelConfig, device: torch.device):
     if cfg.compile and device.type == "cuda":
         from nested_learning.loss import decoder_and_head
 
+        set_activation_memory_budget(cfg.activation_memory_budget)
         parts = decoder_and_head(model) if cfg.loss_chunk_tokens > 0 else None
         if parts is not None:
             parts[0].compile()
             return model
         return torch.compile(model)
     return model
+
+
+def set_activation_memory_budget(budget: float) -> None:
+    """``model.activation_memory_budget``: torch's partitioner keeps at most this share of the activations it
+    would keep for speed and recomputes the rest in backward. Process-wide; read when a graph is compiled."""
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "activation_memory_budget"):  # pragma: no cover - torch < 2.4
+        if budget < 1.0:
+            raise ModelError("model.activation_memory_budget: needs torch >= 2.4")
+        return
+    functorch_config.activation_memory_budget = float(budget)

@@ -139,3 +139,41 @@ def test_packing_keeps_the_first_step_loss(tmp_path):
         run_training(cfg, callbacks=[Rec()])
         losses[packing] = seen[0]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def _saved_bytes_and_grads(budget: float):
+    """Compile a tiny LoRA decoder (inductor, CPU) under ``budget``; bytes saved for backward and the grads."""
+    from nested_learning.model import set_activation_memory_budget
+    from tests.test_fused_lora import tiny
+
+    torch._dynamo.reset()
+    set_activation_memory_budget(budget)
+    model = tiny("llama", dtype=torch.float32)
+    decoder = model.get_base_model().model
+    decoder.compile()
+    ids = torch.randint(0, 211, (2, 64), generator=torch.Generator().manual_seed(0))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden = decoder(input_ids=ids).last_hidden_state
+    hidden.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return sum(saved.values()), grads
+
+
+def test_activation_memory_budget_recomputes_instead_of_saving():
+    try:
+        full, g_full = _saved_bytes_and_grads(1.0)
+        lean, g_lean = _saved_bytes_and_grads(0.5)
+    finally:
+        from nested_learning.model import set_activation_memory_budget
+
+        set_activation_memory_budget(1.0)
+        torch._dynamo.reset()
+    assert lean < 0.8 * full, (lean, full)
+    for name in g_full:
+        assert torch.allclose(g_lean[name], g_full[name], rtol=1e-4, atol=1e-7), name
