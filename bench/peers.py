@@ -27,14 +27,7 @@ Variants:
 Data: ``fixed`` rows of exactly the sequence length; ``realistic`` lognormal lengths (mean ~300 tokens, capped
 at the sequence length). Plain loops and hf_trainer pad each batch to its longest sample; ours packs.
 
-Figures: real (non-padding) tokens/s, step ms (median), optimizer ms (CUDA events around ``optimizer.step``,
-median), peak GiB (``torch.cuda.max_memory_allocated``), and MFU = useful FLOP/s over a bf16 matmul rate
-measured in the same run (median of 8192^3 products). Useful FLOP per real token: ``4 * N_lin`` (forward and
-input-gradient backward through the frozen linear layers and the head; frozen weights get no weight gradient)
-``+ 6 * N_lora + 6 * L * d_attn * ctx`` (causal attention, forward and backward), ``ctx`` the token's own
-sample length. ``fit_batch`` estimates the largest batch at this length: (usable memory - memory before the first
-step) / ((peak - memory before the first step) / batch), usable = 95% of the card.
-Those figures, the printed lines, the table and the JSON file are made in ``bench/peers_report.py``.
+Figures (real tokens/s, step and optimizer ms, peak GiB, MFU, ``fit_batch``): ``bench/peers_report.py``.
 """
 
 from __future__ import annotations

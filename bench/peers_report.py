@@ -1,7 +1,13 @@
 """Reporting side of ``bench/peers.py``: the figures of one variant's run, the matmul peak for MFU, the JSON file,
 the per-run line and the markdown table.
 
-The figure definitions (useful FLOP, MFU, ``fit_batch``) are the ones the ``bench/peers.py`` docstring gives.
+Figures: real (non-padding) tokens/s, step ms (median), optimizer ms (CUDA events around ``optimizer.step``,
+median), peak GiB (``torch.cuda.max_memory_allocated``), and MFU = useful FLOP/s over a bf16 matmul rate
+measured in the same run (median of 8192^3 products). Useful FLOP per real token: ``4 * N_lin`` (forward and
+input-gradient backward through the frozen linear layers and the head; frozen weights get no weight gradient)
+``+ 6 * N_lora + 6 * L * d_attn * ctx`` (causal attention, forward and backward), ``ctx`` the token's own
+sample length. ``fit_batch`` estimates the largest batch at this length: (usable memory - memory before the first
+step) / ((peak - memory before the first step) / batch), usable = 95% of the card.
 """
 
 from __future__ import annotations

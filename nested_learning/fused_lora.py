@@ -84,9 +84,12 @@ class LoraGroup:
         last = len(self.members) - 1
 
         def forward(x, *args, **kwargs):
-            if args or kwargs or not self.fusable():
+            if args or kwargs:
                 return original(x, *args, **kwargs)
-            if index == 0:
+            if index == 0:  # the leader checks the group once and computes it for the others
+                if not self.fusable():
+                    self._pending = None
+                    return original(x)
                 parts = self.run(x)
                 self._pending = (x, parts)
                 return parts[0]
