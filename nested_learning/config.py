@@ -55,6 +55,11 @@ class ModelConfig(_Section):
         "is fastest); e.g. 0.8 saves ~30% of a Qwen-0.5B layer's activations by recomputing norms and element-wise "
         "work. Trades step time for memory; the step-time cost on a GPU is not measured yet.",
     )
+    cuda_graphs: bool = Field(
+        False, description="With `compile` on: replay the compiled decoder's forward and backward as CUDA graphs "
+        "(torch.compile mode `reduce-overhead`), removing the host's per-kernel launch cost. Each new batch shape is "
+        "recorded once, so it pays off with fixed-width batches (e.g. `data.packing` with full rows).",
+    )
     fused_lora: bool = Field(
         False, description="Run LoRA projections that share an input (q/k/v, gate/up) as one frozen GEMM plus one "
         "low-rank pair (same math, fewer and larger kernels; see `nested_learning/fused_lora.py`). Applies when "

@@ -43,23 +43,26 @@ def token_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
 
 
 # ------------------------------------------------------------------------------------ chunked linear + CE
-def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool):
-    """One chunk: (summed CE in float32, d(sum CE)/d(logits) in the logits' dtype, or None).
+def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool) -> torch.Tensor:
+    """One chunk's summed CE in float32; with ``want_grad``, ``logits`` is overwritten by d(sum CE)/d(logits).
 
     ``logits`` (n, V) as the head produced them (bf16 under autocast); the softmax is taken in float32,
-    exactly as ``token_loss_sum`` does after ``.float()``.
+    exactly as ``token_loss_sum`` does after ``.float()``. The gradient, softmax minus the target's one-hot on
+    rows that carry loss, is one element-wise expression written in place: compiled, it is a single pass that
+    reads the logits and writes the gradient in their dtype, with no float32 (n, V) tensor and no second
+    (n, V) buffer.
     """
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 (float64 stays float64)
     valid = targets != IGNORE_INDEX
     safe = targets.clamp_min(0).unsqueeze(1)
     lse = torch.logsumexp(x, dim=-1)
     loss = ((lse - x.gather(1, safe).squeeze(1)) * valid).sum()
-    if not want_grad:
-        return loss, None
-    grad = torch.exp(x - lse.unsqueeze(1))  # softmax
-    grad.scatter_add_(1, safe, -valid.to(grad.dtype).unsqueeze(1))  # minus one-hot of the target
-    grad = grad * valid.unsqueeze(1)  # ignored rows carry no gradient
-    return loss, grad.to(logits.dtype)
+    if want_grad:
+        columns = torch.arange(x.size(1), device=x.device)
+        one_hot = (columns.unsqueeze(0) == safe).to(x.dtype)
+        grad = (torch.exp(x - lse.unsqueeze(1)) - one_hot) * valid.unsqueeze(1)  # ignored rows: no gradient
+        logits.copy_(grad)
+    return loss
 
 
 _compiled_chunk: Callable | None = None
@@ -97,16 +100,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk):
             h = hidden[start : start + chunk]
             logits = F.linear(h, weight, bias)  # (n, V): the only logits alive at any time
-            loss, g = fn(logits, targets[start : start + chunk], want_h or want_w or want_b)
-            total += loss
-            if g is not None:
+            want_grad = want_h or want_w or want_b
+            total += fn(logits, targets[start : start + chunk], want_grad)
+            if want_grad:
+                g = logits  # now d(loss)/d(logits), in place
                 if want_h:
                     grad_h[start : start + chunk] = g @ weight.to(g.dtype)
                 if want_w:
                     grad_w += g.t() @ h.to(g.dtype)
                 if want_b:
                     grad_b += g.sum(0)
-            del logits, g
+            del logits
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return total
 

@@ -161,11 +161,12 @@ def maybe_compile(model, cfg: ModelConfig, device: torch.device):
         from nested_learning.loss import decoder_and_head
 
         set_activation_memory_budget(cfg.activation_memory_budget)
+        options = {"mode": "reduce-overhead"} if cfg.cuda_graphs else {}
         parts = decoder_and_head(model) if cfg.loss_chunk_tokens > 0 else None
         if parts is not None:
-            parts[0].compile()
+            parts[0].compile(**options)
             return model
-        return torch.compile(model)
+        return torch.compile(model, **options)
     return model
 
 

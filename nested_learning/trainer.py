@@ -307,9 +307,16 @@ def run_training(
         window_loss = torch.zeros((), device=device)
         window_steps, window_tokens, window_t0 = 0, 0, time.perf_counter()
 
+        def fetch_step() -> list:
+            # Collated and sent (pinned, non-blocking) while the device still works on the previous step.
+            return [next(batches).to(device, non_blocking=True) for _ in range(cfg.optim.grad_accum)]
+
+        upcoming = fetch_step() if state.step < cfg.schedule.steps else []
         while state.step < cfg.schedule.steps and not stop_event.is_set():
-            step_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
+            step_batches = upcoming
             step_loss = accumulate_gradients(forward_model, step_batches, loss_fn, device)
+            if state.step + 1 < cfg.schedule.steps:
+                upcoming = fetch_step()  # the step's kernels are queued; prepare the next one meanwhile
             micro_index += len(step_batches)
             window_loss += step_loss
             window_steps += 1

@@ -50,7 +50,8 @@ def test_compiled_trainer_follows_the_eager_trainer(tmp_path, caplog, capfd):
     data = write_data(tmp_path / "data")
     runs = {}
     for name, model in {"eager": {"compile": False, "fused_lora": False},
-                        "fast": {"compile": True, "fused_lora": True}}.items():
+                        "fast": {"compile": True, "fused_lora": True},
+                        "graphs": {"compile": True, "cuda_graphs": True, "activation_memory_budget": 0.8}}.items():
         cfg = micro_config(data, tmp_path / name, model={"device": "cuda", **model}, eval={"every": 0},
                            output={"dir": str(tmp_path / name), "tensorboard": False, "log_every": 1})
         seen = []
@@ -61,7 +62,8 @@ def test_compiled_trainer_follows_the_eager_trainer(tmp_path, caplog, capfd):
 
         run_training(cfg, callbacks=[Rec()])
         runs[name] = seen
-    eager, fast = runs["eager"], runs["fast"]
+    eager, fast, graphs = runs["eager"], runs["fast"], runs["graphs"]
     assert "recompile_limit" not in caplog.text + capfd.readouterr().err  # varying chunk / batch shapes must not exhaust recompiles
     assert eager[-1] < eager[0] - 0.1, eager  # the run learns, so a broken backward would show
     assert fast == pytest.approx(eager, rel=3e-2), (fast, eager)
+    assert graphs == pytest.approx(eager, rel=3e-2), (graphs, eager)  # replayed graphs: same updates

@@ -246,6 +246,24 @@ def test_collate_padded_and_packed_exact():
     assert flat.input_ids.shape == (1, 14) and flat.labels.tolist()[0] == sum(packed.labels.tolist(), [])
 
 
+def test_packed_rows_of_one_sample_pass_no_position_ids(micro_model):
+    """One sample per packed row: no position ids, so attention can run as a plain causal kernel (no
+    materialised mask); the loss equals the padded layout's, and flattening restores per-row positions."""
+    a, b = Sample([1, 5, 6, 2, 9, 4], [1, 5, 6, 2, 9, 4]), Sample([1, 7, 2, 8], [1, 7, 2, 8])
+    packed = collate([a, b], PAD, packing=True, max_length=6)  # neither fits beside the other
+    assert packed.position_ids is None and packed.attention_mask is None
+    assert packed.model_inputs().keys() == {"input_ids", "use_cache"}
+    assert packed.labels.tolist() == [[-100, 5, 6, 2, 9, 4], [-100, 7, 2, 8, -100, -100]]
+    padded = collate([a, b], PAD)
+    reference = summed_loss(micro_model, padded)
+    assert summed_loss(micro_model, packed) == pytest.approx(reference, rel=1e-6)
+    flat = packed.flattened()
+    assert flat.position_ids.tolist() == [[0, 1, 2, 3, 4, 5] * 2]
+    assert summed_loss(micro_model, flat) == pytest.approx(reference, rel=1e-6)
+    with pytest.raises(ValueError, match="padded"):
+        padded.flattened()
+
+
 def fake_samples(lengths):
     return [Sample([1] * n, [1] * n) for n in lengths]
 
@@ -297,7 +315,8 @@ def test_iterate_batches_resume_equals_uninterrupted(packing):
         resumed = list(islice(iterate_batches(samples, plan, PAD, start=start), len(full) - start))
         for x, y in zip(full[start:], resumed, strict=True):
             assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
-            assert (x.position_ids is None) == (not packing)
+            assert torch.equal(x.position_ids, y.position_ids) if x.position_ids is not None else y.position_ids is None
+            assert x.attention_mask is None if packing else x.attention_mask is not None
 
 
 # ---------------------------------------------------------------------------------------- packing == padding
@@ -312,10 +331,11 @@ def micro_model():
 
 def summed_loss(model, batch: Batch, **override) -> float:
     inputs = {**batch.model_inputs(), **override}
+    labels = batch.labels
     with torch.no_grad():
         logits = model(**inputs).logits  # (B, T, V)
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100,
+        logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100,
         reduction="sum",
     ).item()
 

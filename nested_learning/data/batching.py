@@ -32,6 +32,10 @@ class Batch:
     Packed layout: ``attention_mask`` is None and ``position_ids`` restart at 0 for each sample (the padding
     at the end of a row is its own short sequence with labels -100); transformers turns this into a
     block-diagonal causal mask, which it does only when no attention mask and no KV cache are passed.
+    When every packed row holds a single sample, ``position_ids`` is None as well: plain causal attention is
+    then exact (padding sits only at row ends, after every real token, and carries no loss), and attention
+    runs as an unmasked causal kernel instead of a materialised (B, 1, T, T) mask, which transformers builds
+    whenever position ids are passed under ``torch.compile``.
     """
 
     input_ids: torch.Tensor  # (B, T) long
@@ -73,11 +77,14 @@ class Batch:
     def flattened(self) -> "Batch":
         """A packed batch as one (1, B*T) row: what flash-attention's varlen path needs (it reads sequence
         boundaries from ``position_ids`` only when the batch has a single row). Same loss as ``self``."""
-        if self.position_ids is None:
-            raise ValueError("flattened() needs a packed batch (position_ids), not a padded one")
+        if self.attention_mask is not None:
+            raise ValueError("flattened() needs a packed batch (no attention mask), not a padded one")
+        positions = self.position_ids
+        if positions is None:  # one sample per row: each row restarts at 0
+            positions = torch.arange(self.input_ids.size(1), device=self.input_ids.device).expand_as(self.input_ids)
         return replace(
             self, input_ids=self.input_ids.reshape(1, -1), labels=self.labels.reshape(1, -1),
-            position_ids=self.position_ids.reshape(1, -1),
+            position_ids=positions.reshape(1, -1),
         )
 
 
@@ -102,7 +109,8 @@ def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, ma
 
     ``packing=True``: samples are laid, in order, into as few rows of <= ``max_length`` tokens as possible;
     T is the longest row. Each sample's ``position_ids`` start at 0 and its first label is -100 (it has
-    no in-sample predecessor), so the summed loss equals the padded layout's on the same samples.
+    no in-sample predecessor), so the summed loss equals the padded layout's on the same samples. Rows that
+    each hold one sample need no ``position_ids`` (see ``Batch``); they are left out then.
     """
     if not samples:
         raise ValueError("collate: no samples")
@@ -132,7 +140,8 @@ def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, ma
     input_ids = torch.tensor(ids_rows, dtype=torch.long)  # (B, T)
     labels = torch.tensor(label_rows, dtype=torch.long)  # (B, T)
     if packing:
-        attention_mask, position_ids = None, torch.tensor(pos_rows, dtype=torch.long)
+        shared = any(len(g) > 1 for g in groups)
+        attention_mask, position_ids = None, torch.tensor(pos_rows, dtype=torch.long) if shared else None
     else:
         lengths = torch.tensor([len(s) for s in samples])
         attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, T)
