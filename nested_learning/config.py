@@ -44,6 +44,10 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
     )
+    sdpa_kernels: list[Literal["flash", "efficient", "cudnn", "math"]] | None = Field(
+        None, min_length=1, description="With `attn_implementation: sdpa` on CUDA: the attention kernels torch may choose from "
+        "(process-wide); null keeps torch's own set. E.g. `[flash, efficient, math]` leaves cuDNN's kernel out.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
     device: str = Field("auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
@@ -56,9 +60,10 @@ class ModelConfig(_Section):
         "work. Trades step time for memory; the step-time cost on a GPU is not measured yet.",
     )
     cuda_graphs: bool = Field(
-        False, description="With `compile` on: replay the compiled decoder's forward and backward as CUDA graphs "
-        "(torch.compile mode `reduce-overhead`), removing the host's per-kernel launch cost. Each new batch shape is "
-        "recorded once, so it pays off with fixed-width batches (e.g. `data.packing` with full rows).",
+        True, description="With `compile` on: replay the compiled decoder's forward and backward as CUDA graphs "
+        "(torch.compile mode `reduce-overhead`), so the step no longer waits on the host launching ~2,000 kernels. "
+        "Applies to fixed batch shapes (e.g. full packed rows); once shapes vary the graph turns dynamic and runs "
+        "compiled without graphs.",
     )
     fused_lora: bool = Field(
         False, description="Run LoRA projections that share an input (q/k/v, gate/up) as one frozen GEMM plus one "

@@ -18,6 +18,7 @@ from nested_learning.embedded import EMBEDDED_MODELS, EMBEDDED_PREFIX, build_emb
 
 __all__ = [
     "ModelError",
+    "apply_kernel_choices",
     "autocast_context",
     "load_model",
     "load_model_and_tokenizer",
@@ -111,6 +112,7 @@ def load_model(cfg: ModelConfig, seed: int = 0):
             )
         except (OSError, ValueError, ImportError) as exc:
             raise ModelError(f"model.name_or_path: cannot load a causal LM from {cfg.name_or_path!r}: {exc}") from None
+    apply_kernel_choices(cfg, device)
     model.requires_grad_(False)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -161,7 +163,14 @@ def maybe_compile(model, cfg: ModelConfig, device: torch.device):
         from nested_learning.loss import decoder_and_head
 
         set_activation_memory_budget(cfg.activation_memory_budget)
-        options = {"mode": "reduce-overhead"} if cfg.cuda_graphs else {}
+        options = {}
+        if cfg.cuda_graphs:
+            import torch._inductor.config as inductor_config
+
+            # Graphs only for static shapes: a batch shape that varies makes the graph dynamic after one
+            # recompile, and a dynamic graph then runs compiled but unrecorded instead of recording every shape.
+            inductor_config.triton.cudagraph_skip_dynamic_graphs = True
+            options = {"mode": "reduce-overhead"}
         parts = decoder_and_head(model) if cfg.loss_chunk_tokens > 0 else None
         if parts is not None:
             parts[0].compile(**options)
@@ -180,3 +189,20 @@ def set_activation_memory_budget(budget: float) -> None:
             raise ModelError("model.activation_memory_budget: needs torch >= 2.4")
         return
     functorch_config.activation_memory_budget = float(budget)
+
+
+def apply_kernel_choices(cfg: ModelConfig, device: torch.device) -> None:
+    """Process-wide kernel settings of ``cfg`` (``model.sdpa_kernels``) on CUDA; nothing on the CPU."""
+    if device.type == "cuda" and cfg.sdpa_kernels is not None:
+        set_sdpa_kernels(cfg.sdpa_kernels)
+
+
+def set_sdpa_kernels(kernels: list[str]) -> None:
+    """``model.sdpa_kernels``: enable exactly these scaled-dot-product-attention kernels (process-wide)."""
+    if not kernels:
+        raise ModelError("model.sdpa_kernels: name at least one kernel (flash, efficient, cudnn, math), or null")
+    backends = torch.backends.cuda
+    backends.enable_flash_sdp("flash" in kernels)
+    backends.enable_mem_efficient_sdp("efficient" in kernels)
+    backends.enable_cudnn_sdp("cudnn" in kernels)
+    backends.enable_math_sdp("math" in kernels)

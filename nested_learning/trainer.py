@@ -28,7 +28,9 @@ from nested_learning.evaluate import evaluate_loss
 from nested_learning.loss import make_loss_fn
 from nested_learning.metrics import MetricsLog
 from nested_learning.fused_lora import fuse_lora_groups
-from nested_learning.model import autocast_context, load_model, load_tokenizer, maybe_compile, wrap_lora
+from nested_learning.model import (
+    apply_kernel_choices, autocast_context, load_model, load_tokenizer, maybe_compile, wrap_lora,
+)
 
 __all__ = ["Callback", "TrainerState", "TrainingError", "accumulate_gradients", "lr_lambda", "run_training"]
 
@@ -219,6 +221,7 @@ def run_training(
     train, valid, plan = prepare_data(cfg, tokenizer)
     base = load_model(cfg.model)  # base weights never depend on the run seed
     device = next(base.parameters()).device
+    apply_kernel_choices(cfg.model, device)  # also when a caller's load_model stands in for ours
     model = wrap_lora(base, cfg.lora, seed=cfg.seed)
     if saved is not None:
         ckpt.load_adapter_weights(model, resume_from)
