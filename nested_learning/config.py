@@ -60,10 +60,10 @@ class ModelConfig(_Section):
         "work. Trades step time for memory; the step-time cost on a GPU is not measured yet.",
     )
     cuda_graphs: bool = Field(
-        True, description="With `compile` on: replay the compiled decoder's forward and backward as CUDA graphs "
-        "(torch.compile mode `reduce-overhead`), so the step no longer waits on the host launching ~2,000 kernels. "
-        "Applies to fixed batch shapes (e.g. full packed rows); once shapes vary the graph turns dynamic and runs "
-        "compiled without graphs.",
+        True, description="With `compile` on CUDA and `data.packing`: replay the compiled decoder's forward and "
+        "backward as CUDA graphs (torch.compile mode `reduce-overhead`), so the step no longer waits on the host "
+        "launching ~2,000 kernels. Packed rows are then padded to `data.max_length` so every batch has one shape. "
+        "Padded (unpacked) batches vary in shape and run compiled without graphs.",
     )
     fused_lora: bool = Field(
         False, description="Run LoRA projections that share an input (q/k/v, gate/up) as one frozen GEMM plus one "

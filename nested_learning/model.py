@@ -25,6 +25,7 @@ __all__ = [
     "load_tokenizer",
     "resolve_device",
     "resolve_dtype",
+    "uses_cuda_graphs",
     "wrap_lora",
 ]
 
@@ -153,7 +154,13 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, seed: int = 0):
     return load_model(model_cfg, seed=seed), tokenizer
 
 
-def maybe_compile(model, cfg: ModelConfig, device: torch.device):
+def uses_cuda_graphs(cfg: ModelConfig, device: torch.device, packing: bool) -> bool:
+    """``model.cuda_graphs`` takes effect with ``compile`` on CUDA and packed batches (their rows are then padded
+    to ``data.max_length``, one shape); padded batches vary in shape and run compiled without graphs."""
+    return cfg.cuda_graphs and cfg.compile and device.type == "cuda" and packing
+
+
+def maybe_compile(model, cfg: ModelConfig, device: torch.device, *, cuda_graphs: bool = False):
     """``torch.compile`` on CUDA when asked; CPU runs stay eager (and exact).
 
     Under the chunked loss (``loss_chunk_tokens > 0``) the trainer calls the decoder directly, so the decoder
@@ -163,14 +170,9 @@ def maybe_compile(model, cfg: ModelConfig, device: torch.device):
         from nested_learning.loss import decoder_and_head
 
         set_activation_memory_budget(cfg.activation_memory_budget)
-        options = {}
-        if cfg.cuda_graphs:
-            import torch._inductor.config as inductor_config
-
-            # Graphs only for static shapes: a batch shape that varies makes the graph dynamic after one
-            # recompile, and a dynamic graph then runs compiled but unrecorded instead of recording every shape.
-            inductor_config.triton.cudagraph_skip_dynamic_graphs = True
-            options = {"mode": "reduce-overhead"}
+        # CUDA graphs (mode reduce-overhead) record one graph per batch shape: callers ask for them only when
+        # the shape is fixed (see uses_cuda_graphs).
+        options = {"mode": "reduce-overhead"} if cuda_graphs else {}
         parts = decoder_and_head(model) if cfg.loss_chunk_tokens > 0 else None
         if parts is not None:
             parts[0].compile(**options)

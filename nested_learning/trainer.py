@@ -8,6 +8,7 @@ Nothing is written before setup has succeeded, so a bad config, data file or mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -29,7 +30,8 @@ from nested_learning.loss import make_loss_fn
 from nested_learning.metrics import MetricsLog
 from nested_learning.fused_lora import fuse_lora_groups
 from nested_learning.model import (
-    apply_kernel_choices, autocast_context, load_model, load_tokenizer, maybe_compile, wrap_lora,
+    apply_kernel_choices, autocast_context, load_model, load_tokenizer, maybe_compile, resolve_device,
+    uses_cuda_graphs, wrap_lora,
 )
 
 __all__ = ["Callback", "TrainerState", "TrainingError", "accumulate_gradients", "lr_lambda", "run_training"]
@@ -126,6 +128,14 @@ def prepare_data(cfg: TrainConfig, tokenizer):
     return train, valid, plan
 
 
+def eager_stance(enabled: bool):
+    """Run compiled modules eagerly inside this block (``torch.compiler.set_stance``) when ``enabled``."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if not enabled or set_stance is None:
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
 def make_probe(model, batches: Iterable, device: torch.device, steps: int, loss_fn: Callable):
     """``gradient_norm`` tiers: mean squared gradient per trainable tensor over ``steps`` micro-batches.
     Runs under a forked RNG and clears the gradients, so training afterwards is unaffected."""
@@ -219,6 +229,8 @@ def run_training(
 
     tokenizer = load_tokenizer(cfg.model)
     train, valid, plan = prepare_data(cfg, tokenizer)
+    cuda_graphs = uses_cuda_graphs(cfg.model, resolve_device(cfg.model.device), cfg.data.packing)
+    plan.fixed_width = cuda_graphs  # one batch shape for graph replay
     base = load_model(cfg.model)  # base weights never depend on the run seed
     device = next(base.parameters()).device
     apply_kernel_choices(cfg.model, device)  # also when a caller's load_model stands in for ours
@@ -232,7 +244,7 @@ def run_training(
     optimizer, scheduler, assignment, plan_text = build_optimizer(
         cfg, model, probe, saved_assignment=(saved or {}).get("tier_assignment")
     )
-    forward_model = maybe_compile(model, cfg.model, device)
+    forward_model = maybe_compile(model, cfg.model, device, cuda_graphs=cuda_graphs)
 
     state = TrainerState(total_steps=cfg.schedule.steps, output_dir=str(out), tier_plan=plan_text)
     micro_index, bad_evals = 0, 0
@@ -286,8 +298,9 @@ def run_training(
         nonlocal bad_evals
         if not valid:
             return False
-        res = evaluate_loss(forward_model, valid, pad_id, batch_size=eval_bs, max_batches=cfg.eval.max_batches,
-                            device=device, loss_fn=loss_fn)
+        with eager_stance(cuda_graphs):  # padded eval batches vary in shape: no graph per shape
+            res = evaluate_loss(forward_model, valid, pad_id, batch_size=eval_bs, max_batches=cfg.eval.max_batches,
+                                device=device, loss_fn=loss_fn)
         state.val_loss, state.val_ppl = res["loss"], res["ppl"]
         improved = state.best_val_loss is None or res["loss"] < state.best_val_loss - cfg.eval.early_stopping_min_delta
         bad_evals = 0 if improved else bad_evals + 1

@@ -49,10 +49,13 @@ def test_compiled_trainer_follows_the_eager_trainer(tmp_path, caplog, capfd):
 
     data = write_data(tmp_path / "data")
     runs = {}
+    # All pack their batches: "graphs" pads the rows to max_length (one shape, as graph replay needs), the
+    # others keep varying widths (so recompiles must not run out). Padding carries no loss: same steps.
     for name, model in {"eager": {"compile": False, "fused_lora": False},
                         "fast": {"compile": True, "fused_lora": True, "cuda_graphs": False},
                         "graphs": {"compile": True, "cuda_graphs": True, "activation_memory_budget": 0.8}}.items():
         cfg = micro_config(data, tmp_path / name, model={"device": "cuda", **model}, eval={"every": 0},
+                           data={"packing": True},
                            output={"dir": str(tmp_path / name), "tensorboard": False, "log_every": 1})
         seen = []
 

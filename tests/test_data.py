@@ -362,3 +362,21 @@ def test_packed_loss_equals_padded_loss(tok, micro_model, attn):
     leaky = summed_loss(micro_model, packed, attention_mask=torch.ones_like(packed.input_ids))
     assert abs(leaky - reference) > 1e-3 * reference
     assert summed_loss(micro_model, packed, use_cache=True) == pytest.approx(leaky, rel=1e-5)
+
+
+def test_fixed_width_plan_gives_one_batch_shape_and_the_same_loss_tokens():
+    """``fixed_width`` (what CUDA graph replay needs): packed rows padded to max_length, so every full micro-batch
+    has the shape (batch_size, max_length); the tokens and loss tokens are those of the unpadded batches."""
+    samples = fake_samples(LENGTHS[:40])
+    loose = BatchPlan(samples, 3, seed=5, packing=True, max_length=128)
+    fixed = BatchPlan(samples, 3, seed=5, packing=True, max_length=128, fixed_width=True)
+    n = len(loose)
+    a, b = list(islice(iterate_batches(samples, loose, PAD), n)), list(islice(iterate_batches(samples, fixed, PAD), n))
+    assert len({x.input_ids.shape[1] for x in a}) > 1  # without it widths vary
+    assert {x.input_ids.shape for x in b[:-1]} == {(3, 128)}
+    for x, y in zip(a, b, strict=True):
+        t = x.input_ids.shape[1]
+        assert torch.equal(y.input_ids[:, :t], x.input_ids) and (y.input_ids[:, t:] == PAD).all()
+        assert (y.labels[:, t:] == -100).all()
+        assert (x.num_tokens, x.num_loss_tokens) == (y.num_tokens, y.num_loss_tokens)
+    assert not BatchPlan(samples, 3, seed=5, max_length=128, fixed_width=True).fixed_width  # padded mode: no effect

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from nested_learning.data import Sample, collate
 from nested_learning.loss import chunked_token_loss_sum, linear_cross_entropy_sum, make_loss_fn, token_loss_sum
-from nested_learning.model import load_model, maybe_compile, wrap_lora
+from nested_learning.model import load_model, maybe_compile, uses_cuda_graphs, wrap_lora
 from nested_learning.trainer import run_training
 from tests.trainkit import micro_config, write_data
 
@@ -81,6 +81,16 @@ def test_compile_switch_is_a_no_op_on_cpu():
     cfg = micro_config("unused", "unused", model={"compile": True})
     model = _lora_model()
     assert maybe_compile(model, cfg.model, torch.device("cpu")) is model
+
+
+def test_cuda_graphs_only_with_compile_on_cuda_and_packed_batches():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    on = micro_config("unused", "unused").model
+    assert on.cuda_graphs and uses_cuda_graphs(on, cuda, packing=True)
+    assert not uses_cuda_graphs(on, cuda, packing=False)  # padded batches change shape
+    assert not uses_cuda_graphs(on, cpu, packing=True)
+    assert not uses_cuda_graphs(on.model_copy(update={"compile": False}), cuda, packing=True)
+    assert not uses_cuda_graphs(on.model_copy(update={"cuda_graphs": False}), cuda, packing=True)
 
 
 def _losses(tmp_path, name, **sections):

@@ -104,13 +104,15 @@ def _next_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, max_length: int | None = None) -> Batch:
+def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, max_length: int | None = None,
+            width: int | None = None) -> Batch:
     """Samples -> ``Batch``, right-padded with ``pad_id`` (labels -100 at padding).
 
     ``packing=True``: samples are laid, in order, into as few rows of <= ``max_length`` tokens as possible;
     T is the longest row. Each sample's ``position_ids`` start at 0 and its first label is -100 (it has
     no in-sample predecessor), so the summed loss equals the padded layout's on the same samples. Rows that
-    each hold one sample need no ``position_ids`` (see ``Batch``); they are left out then.
+    each hold one sample need no ``position_ids`` (see ``Batch``); they are left out then. ``width``: pad
+    rows to at least this many tokens (a fixed batch shape).
     """
     if not samples:
         raise ValueError("collate: no samples")
@@ -121,7 +123,7 @@ def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, ma
     else:
         groups = [[s] for s in samples]
 
-    width = max(sum(len(s) for s in g) for g in groups)
+    width = max(max(sum(len(s) for s in g) for g in groups), width or 0)
     ids_rows, label_rows, pos_rows = [], [], []
     for group in groups:
         ids, labels, pos = [], [], []
@@ -185,6 +187,8 @@ class BatchPlan:
     (best-fit decreasing, independent of seed and epoch, which keeps ``len(plan)`` fixed); each epoch
     shuffles the rows and takes ``batch_size`` rows per micro-batch. ``group_by_length`` has no effect.
     ``collate(..., packing=True)`` on a micro-batch's samples rebuilds at most ``batch_size`` rows.
+    ``fixed_width`` (packing only): every row is padded to ``max_length``, so all full micro-batches have one
+    shape (what CUDA graph replay needs); padding carries no loss.
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class BatchPlan:
         group_by_length: bool = True,
         packing: bool = False,
         max_length: int | None,
+        fixed_width: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -206,6 +211,7 @@ class BatchPlan:
             raise ValueError("BatchPlan: packing needs max_length")
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.group_by_length, self.packing, self.max_length = group_by_length, packing, max_length
+        self.fixed_width = fixed_width and packing
         self.lengths = [len(s) for s in samples]
         self.rows = _best_fit_decreasing(self.lengths, max_length) if packing else None
         units = len(self.rows) if packing else len(self.lengths)
@@ -248,5 +254,7 @@ def iterate_batches(samples: Sequence[Sample], plan: BatchPlan, pad_id: int, *, 
     epoch, offset = divmod(start, len(plan))
     while True:
         for indices in plan.epoch(epoch)[offset:]:
-            yield collate([samples[i] for i in indices], pad_id, packing=plan.packing, max_length=plan.max_length)
+            width = plan.max_length if plan.packing and plan.fixed_width else None
+            yield collate([samples[i] for i in indices], pad_id, packing=plan.packing, max_length=plan.max_length,
+                          width=width)
         epoch, offset = epoch + 1, 0
