@@ -17,11 +17,15 @@ ORDER = ["ours", "ours_eager", "peft_adamw", "peft_compile", "peft_liger", "hf_t
 
 
 def main(src: str, dst: str) -> None:
-    runs = [r for r in json.load(open(src))["runs"] if "error" not in r and r["variant"] in ORDER]
+    def rank(r):  # tagged variants ("ours+amb08": a --set switch) sort after their base variant
+        base, _, tag = r["variant"].partition("+")
+        return ORDER.index(base), tag
+
+    runs = [r for r in json.load(open(src))["runs"] if "error" not in r and r["variant"].partition("+")[0] in ORDER]
     groups = sorted({(r["shape"], r["data"]) for r in runs})
     fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
     for col, (shape, data) in enumerate(groups):
-        rows = sorted([r for r in runs if (r["shape"], r["data"]) == (shape, data)], key=lambda r: ORDER.index(r["variant"]))
+        rows = sorted([r for r in runs if (r["shape"], r["data"]) == (shape, data)], key=rank)
         names = [r["variant"] for r in rows]
         colors = ["tab:green" if n.startswith("ours") else "tab:gray" for n in names]
         ax = axes[0][col]
