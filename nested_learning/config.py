@@ -62,8 +62,9 @@ class ModelConfig(_Section):
     cuda_graphs: bool = Field(
         True, description="With `compile` on CUDA and `data.packing`: replay the compiled decoder's forward and "
         "backward as CUDA graphs (torch.compile mode `reduce-overhead`), so the step no longer waits on the host "
-        "launching ~2,000 kernels. Packed rows are then padded to `data.max_length` so every batch has one shape. "
-        "Padded (unpacked) batches vary in shape and run compiled without graphs.",
+        "launching ~2,000 kernels. Packed rows are then padded to `data.max_length`, so full micro-batches share "
+        "one shape (a short last micro-batch, or one with and one without shared rows, records one more graph). "
+        "Padded (unpacked) batches and `optim.grad_accum > 1` run compiled without graphs.",
     )
     fused_lora: bool = Field(
         False, description="Run LoRA projections that share an input (q/k/v, gate/up) as one frozen GEMM plus one "

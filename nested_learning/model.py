@@ -154,10 +154,12 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, seed: int = 0):
     return load_model(model_cfg, seed=seed), tokenizer
 
 
-def uses_cuda_graphs(cfg: ModelConfig, device: torch.device, packing: bool) -> bool:
-    """``model.cuda_graphs`` takes effect with ``compile`` on CUDA and packed batches (their rows are then padded
-    to ``data.max_length``, one shape); padded batches vary in shape and run compiled without graphs."""
-    return cfg.cuda_graphs and cfg.compile and device.type == "cuda" and packing
+def uses_cuda_graphs(cfg: ModelConfig, device: torch.device, packing: bool, grad_accum: int = 1) -> bool:
+    """``model.cuda_graphs`` takes effect with ``compile`` on CUDA, packed batches (their rows are then padded to
+    ``data.max_length``, one shape) and one micro-batch per step. Padded batches vary in shape and run compiled
+    without graphs. With gradient accumulation the replayed backward can hand autograd a gradient buffer that
+    the next micro-batch's replay overwrites (torch keeps it as ``.grad``), so accumulation runs without graphs."""
+    return cfg.cuda_graphs and cfg.compile and device.type == "cuda" and packing and grad_accum == 1
 
 
 def maybe_compile(model, cfg: ModelConfig, device: torch.device, *, cuda_graphs: bool = False):
@@ -194,17 +196,32 @@ def set_activation_memory_budget(budget: float) -> None:
 
 
 def apply_kernel_choices(cfg: ModelConfig, device: torch.device) -> None:
-    """Process-wide kernel settings of ``cfg`` (``model.sdpa_kernels``) on CUDA; nothing on the CPU."""
-    if device.type == "cuda" and cfg.sdpa_kernels is not None:
+    """Process-wide kernel settings of ``cfg`` (``model.sdpa_kernels``) on CUDA; nothing on the CPU.
+    ``None`` restores torch's own set if an earlier run in this process changed it."""
+    if device.type != "cuda":
+        return
+    if cfg.sdpa_kernels is not None:
         set_sdpa_kernels(cfg.sdpa_kernels)
+    elif _sdpa_defaults is not None:
+        set_sdpa_kernels([k for k, on in _sdpa_defaults.items() if on])
+
+
+_SDPA_SWITCHES = {
+    "flash": ("flash_sdp_enabled", "enable_flash_sdp"),
+    "efficient": ("mem_efficient_sdp_enabled", "enable_mem_efficient_sdp"),
+    "cudnn": ("cudnn_sdp_enabled", "enable_cudnn_sdp"),
+    "math": ("math_sdp_enabled", "enable_math_sdp"),
+}
+_sdpa_defaults: dict[str, bool] | None = None  # torch's flags before this process first changed them
 
 
 def set_sdpa_kernels(kernels: list[str]) -> None:
     """``model.sdpa_kernels``: enable exactly these scaled-dot-product-attention kernels (process-wide)."""
+    global _sdpa_defaults
     if not kernels:
         raise ModelError("model.sdpa_kernels: name at least one kernel (flash, efficient, cudnn, math), or null")
     backends = torch.backends.cuda
-    backends.enable_flash_sdp("flash" in kernels)
-    backends.enable_mem_efficient_sdp("efficient" in kernels)
-    backends.enable_cudnn_sdp("cudnn" in kernels)
-    backends.enable_math_sdp("math" in kernels)
+    if _sdpa_defaults is None:
+        _sdpa_defaults = {name: getattr(backends, query)() for name, (query, _) in _SDPA_SWITCHES.items()}
+    for name, (_, enable) in _SDPA_SWITCHES.items():
+        getattr(backends, enable)(name in kernels)

@@ -229,7 +229,7 @@ def run_training(
 
     tokenizer = load_tokenizer(cfg.model)
     train, valid, plan = prepare_data(cfg, tokenizer)
-    cuda_graphs = uses_cuda_graphs(cfg.model, resolve_device(cfg.model.device), cfg.data.packing)
+    cuda_graphs = uses_cuda_graphs(cfg.model, resolve_device(cfg.model.device), cfg.data.packing, cfg.optim.grad_accum)
     plan.fixed_width = cuda_graphs  # one batch shape for graph replay
     base = load_model(cfg.model)  # base weights never depend on the run seed
     device = next(base.parameters()).device

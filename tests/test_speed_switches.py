@@ -91,6 +91,27 @@ def test_cuda_graphs_only_with_compile_on_cuda_and_packed_batches():
     assert not uses_cuda_graphs(on, cpu, packing=True)
     assert not uses_cuda_graphs(on.model_copy(update={"compile": False}), cuda, packing=True)
     assert not uses_cuda_graphs(on.model_copy(update={"cuda_graphs": False}), cuda, packing=True)
+    assert not uses_cuda_graphs(on, cuda, packing=True, grad_accum=2)  # replayed grads would not accumulate
+
+
+def test_sdpa_kernels_are_set_and_restored_by_a_later_null_config():
+    from nested_learning.model import apply_kernel_choices
+
+    backends, cuda = torch.backends.cuda, torch.device("cuda")
+    before = [backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.cudnn_sdp_enabled(),
+              backends.math_sdp_enabled()]
+    base = micro_config("unused", "unused").model
+    try:
+        apply_kernel_choices(base.model_copy(update={"sdpa_kernels": ["math", "efficient"]}), cuda)
+        assert not backends.flash_sdp_enabled() and not backends.cudnn_sdp_enabled()
+        assert backends.math_sdp_enabled() and backends.mem_efficient_sdp_enabled()
+        apply_kernel_choices(base, cuda)  # null: torch's own set again, not the previous run's
+        assert [backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.cudnn_sdp_enabled(),
+                backends.math_sdp_enabled()] == before
+    finally:
+        for flag, enable in zip(before, ("enable_flash_sdp", "enable_mem_efficient_sdp", "enable_cudnn_sdp",
+                                         "enable_math_sdp")):
+            getattr(backends, enable)(flag)
 
 
 def _losses(tmp_path, name, **sections):
