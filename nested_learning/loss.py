@@ -91,6 +91,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk: int):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = bias is not None and ctx.needs_input_grad[2]
+        want_grad = want_h or want_w or want_b
         fn = _chunk_fn(hidden.device)
         acc = torch.promote_types(hidden.dtype, torch.float32)
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -100,7 +101,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk):
             h = hidden[start : start + chunk]
             logits = F.linear(h, weight, bias)  # (n, V): the only logits alive at any time
-            want_grad = want_h or want_w or want_b
             total += fn(logits, targets[start : start + chunk], want_grad)
             if want_grad:
                 g = logits  # now d(loss)/d(logits), in place

@@ -252,9 +252,9 @@ def iterate_batches(samples: Sequence[Sample], plan: BatchPlan, pad_id: int, *, 
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
     epoch, offset = divmod(start, len(plan))
+    width = plan.max_length if plan.fixed_width else None  # fixed_width implies packing
     while True:
         for indices in plan.epoch(epoch)[offset:]:
-            width = plan.max_length if plan.packing and plan.fixed_width else None
             yield collate([samples[i] for i in indices], pad_id, packing=plan.packing, max_length=plan.max_length,
                           width=width)
         epoch, offset = epoch + 1, 0
