@@ -48,6 +48,12 @@ class ModelConfig(_Section):
         None, min_length=1, description="With `attn_implementation: sdpa` on CUDA: the attention kernels torch may choose from "
         "(process-wide); null keeps torch's own set. E.g. `[flash, efficient, math]` leaves cuDNN's kernel out.",
     )
+    skip_causal_mask: bool = Field(
+        True, description="With `attn_implementation: sdpa`: batches whose rows each hold one sample from position 0 "
+        "(padded rows, packed rows of one sample) run SDPA's causal kernel with no mask tensor. Under `torch.compile` "
+        "transformers otherwise builds a (batch, 1, T, T) mask for them and attention computes the whole T x T square. "
+        "Same attention for every token that carries loss (padding only follows real tokens).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
     device: str = Field("auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")

@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nested_learning.attention import causal_rows
+
 __all__ = ["chunked_token_loss_sum", "decoder_and_head", "linear_cross_entropy_sum", "make_loss_fn", "token_loss_sum"]
 
 IGNORE_INDEX = -100
@@ -33,7 +35,8 @@ def token_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
     Labels are unshifted (position t predicts label t+1); -100 marks positions that carry no loss.
     The sum is float32 and stays on the device: the caller decides when to read it back.
     """
-    logits = model(**batch.model_inputs()).logits  # (B, T, V)
+    with causal_rows(batch.position_ids is None):
+        logits = model(**batch.model_inputs()).logits  # (B, T, V)
     logits = logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
     targets = batch.labels[:, 1:].to(logits.device)  # (B, T-1)
     loss_sum = F.cross_entropy(
@@ -161,7 +164,8 @@ def chunked_token_loss_sum(model, batch, chunk: int = 2048) -> tuple[torch.Tenso
     if parts is None:
         return token_loss_sum(model, batch)
     decoder, head = parts
-    hidden = decoder(**batch.model_inputs()).last_hidden_state  # (B, T, H)
+    with causal_rows(batch.position_ids is None):
+        hidden = decoder(**batch.model_inputs()).last_hidden_state  # (B, T, H)
     hidden = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
     targets = batch.labels[:, 1:].to(hidden.device).reshape(-1)
     loss_sum = linear_cross_entropy_sum(hidden, head.weight, targets, bias=head.bias, chunk=chunk)

@@ -28,6 +28,7 @@ from nested_learning.config import ConfigError, ScheduleConfig, TrainConfig
 from nested_learning.evaluate import evaluate_loss
 from nested_learning.loss import make_loss_fn
 from nested_learning.metrics import MetricsLog
+from nested_learning.attention import use_causal_sdpa
 from nested_learning.fused_lora import fuse_lora_groups
 from nested_learning.model import (
     apply_kernel_choices, autocast_context, load_model, load_tokenizer, maybe_compile, resolve_device,
@@ -235,6 +236,8 @@ def run_training(
     device = next(base.parameters()).device
     apply_kernel_choices(cfg.model, device)  # also when a caller's load_model stands in for ours
     model = wrap_lora(base, cfg.lora, seed=cfg.seed)
+    if cfg.model.skip_causal_mask:
+        use_causal_sdpa(model)
     if saved is not None:
         ckpt.load_adapter_weights(model, resume_from)
     if cfg.model.fused_lora:

@@ -1,0 +1,95 @@
+"""Causal attention with no mask tensor for rows that need none, also under ``torch.compile``.
+
+Training batches whose rows each hold one sample starting at position 0 (padded rows, packed rows of one
+sample) need plain causal attention and nothing else: padding sits after every real token and carries no loss.
+SDPA's causal kernels (``is_causal``) then skip the blocks above the diagonal. transformers passes no mask in
+that case when it runs eagerly, but under ``torch.compile`` it cannot read the position ids it made to rule
+out packed rows, so it builds a (B, 1, T, T) mask and the kernel computes the whole T x T square.
+
+``CAUSAL_SDPA`` is transformers' own SDPA attention under a name of its own. Its mask builder is transformers'
+SDPA mask builder, except inside ``causal_rows()`` (which the loss functions enter for such batches), where a
+whole-row causal mask becomes ``None``. The attention function is the same, so only the mask changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+__all__ = ["CAUSAL_SDPA", "causal_rows", "use_causal_sdpa"]
+
+CAUSAL_SDPA = "nl_causal_sdpa"
+log = logging.getLogger("nested_learning.attention")
+_registered = False
+
+
+_rows_start_at_zero = False  # set by ``causal_rows`` around a forward; read while transformers builds masks
+
+
+@contextlib.contextmanager
+def causal_rows(enabled: bool = True) -> Iterator[None]:
+    """Within: every row of the batch is one sample starting at position 0, followed only by padding that
+    carries no loss (``Batch.position_ids is None``), so plain causal attention is exact for every token that
+    matters and ``CAUSAL_SDPA`` passes no mask. Process-wide; ``torch.compile`` guards on it, so a compiled
+    model keeps one graph with and one without."""
+    global _rows_start_at_zero
+    previous, _rows_start_at_zero = _rows_start_at_zero, bool(enabled)
+    try:
+        yield
+    finally:
+        _rows_start_at_zero = previous
+
+
+def _causal_mask_or_none(*args, **kwargs):
+    """transformers' SDPA mask builder, except inside ``causal_rows`` when the result would be causal attention
+    over the whole row: then ``None``, and SDPA runs its causal kernel (``is_causal``).
+
+    transformers cannot tell this case apart under ``torch.compile``: the model makes position ids itself and
+    checks whether they restart (packed rows) by reading them, which a traced graph cannot, so it builds a mask
+    for packed rows. Sliding windows (``local_size``), queries that do not cover every key (a KV cache) and
+    positional calls go to ``sdpa_mask`` unchanged."""
+    from transformers.masking_utils import sdpa_mask
+
+    if args or not _rows_start_at_zero:
+        return sdpa_mask(*args, **kwargs)
+    q_length = kwargs.get("q_length")
+    if q_length is None and kwargs.get("cache_position") is not None:  # older transformers' signature
+        q_length = kwargs["cache_position"].shape[0]
+    whole_rows = (
+        kwargs.get("local_size") is None
+        and q_length is not None
+        and q_length == kwargs.get("kv_length")
+        and not kwargs.get("kv_offset", 0)
+    )
+    return None if whole_rows else sdpa_mask(**kwargs)
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    AttentionMaskInterface.register(CAUSAL_SDPA, _causal_mask_or_none)
+    _registered = True
+
+
+def use_causal_sdpa(model) -> bool:
+    """Switch a transformers model (or a PEFT model around one) that uses ``sdpa`` to ``CAUSAL_SDPA``, in place.
+    Returns whether it did; models on another implementation (eager, flash-attention) are left alone."""
+    inner = model
+    while hasattr(inner, "get_base_model") and inner.get_base_model() is not inner:
+        inner = inner.get_base_model()
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    try:
+        _register()
+        inner.set_attn_implementation(CAUSAL_SDPA)
+    except (ImportError, AttributeError, ValueError) as exc:  # transformers without the interfaces
+        log.warning("model.sdpa_causal_skip: not available with this transformers (%s); keeping sdpa", exc)
+        return False
+    return getattr(inner.config, "_attn_implementation", None) == CAUSAL_SDPA
