@@ -30,7 +30,7 @@ _rows_start_at_zero = False  # set by ``causal_rows`` around a forward; read whi
 @contextlib.contextmanager
 def causal_rows(enabled: bool = True) -> Iterator[None]:
     """Within: every row of the batch is one sample starting at position 0, followed only by padding that
-    carries no loss (``Batch.position_ids is None``), so plain causal attention is exact for every token that
+    carries no loss (``Batch.one_sample_per_row``), so plain causal attention is exact for every token that
     matters and ``CAUSAL_SDPA`` passes no mask. Process-wide; ``torch.compile`` guards on it, so a compiled
     model keeps one graph with and one without."""
     global _rows_start_at_zero

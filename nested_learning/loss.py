@@ -35,7 +35,7 @@ def token_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
     Labels are unshifted (position t predicts label t+1); -100 marks positions that carry no loss.
     The sum is float32 and stays on the device: the caller decides when to read it back.
     """
-    with causal_rows(batch.position_ids is None):
+    with causal_rows(batch.one_sample_per_row):
         logits = model(**batch.model_inputs()).logits  # (B, T, V)
     logits = logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
     targets = batch.labels[:, 1:].to(logits.device)  # (B, T-1)
@@ -164,7 +164,7 @@ def chunked_token_loss_sum(model, batch, chunk: int = 2048) -> tuple[torch.Tenso
     if parts is None:
         return token_loss_sum(model, batch)
     decoder, head = parts
-    with causal_rows(batch.position_ids is None):
+    with causal_rows(batch.one_sample_per_row):
         hidden = decoder(**batch.model_inputs()).last_hidden_state  # (B, T, H)
     hidden = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
     targets = batch.labels[:, 1:].to(hidden.device).reshape(-1)

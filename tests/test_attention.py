@@ -51,7 +51,7 @@ def test_same_loss_and_grads_as_transformers_sdpa(arch, layout, sdpa_masks):
     ref, ours = _pair(arch)
     lengths = {"padded": (5, 17, 9, 30), "packed_single": (20, 31, 7), "packed_shared": (5, 17, 9, 30, 3)}[layout]
     batch = collate(_samples(lengths), 0, packing=layout != "padded", max_length=32)
-    assert (batch.position_ids is None) == (layout != "packed_shared")
+    assert batch.one_sample_per_row == (layout != "packed_shared")
     results = []
     for model in (ref, ours):
         sdpa_masks.clear()

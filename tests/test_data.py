@@ -226,7 +226,7 @@ def test_collate_padded_and_packed_exact():
     assert padded.input_ids.tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
     assert padded.labels.tolist() == [[-100, -100, 6, 2], [1, 7, 2, -100]]
     assert padded.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    assert padded.position_ids is None
+    assert padded.position_ids is None and padded.one_sample_per_row
     assert (padded.num_tokens, padded.num_loss_tokens) == (7, 4)
     assert padded.model_inputs().keys() == {"input_ids", "attention_mask", "use_cache"}
 
@@ -235,7 +235,7 @@ def test_collate_padded_and_packed_exact():
     assert packed.input_ids.tolist() == [[1, 5, 6, 2, 1, 7, 2], [1, 5, 6, 2, 0, 0, 0]]
     assert packed.labels.tolist() == [[-100, -100, 6, 2, -100, 7, 2], [-100, -100, 6, 2, -100, -100, -100]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2]]
-    assert packed.attention_mask is None
+    assert packed.attention_mask is None and not packed.one_sample_per_row
     assert (packed.num_tokens, packed.num_loss_tokens) == (11, 6)
     assert packed.model_inputs().keys() == {"input_ids", "position_ids", "use_cache"}
     assert packed.model_inputs()["use_cache"] is False
@@ -246,19 +246,20 @@ def test_collate_padded_and_packed_exact():
     assert flat.input_ids.shape == (1, 14) and flat.labels.tolist()[0] == sum(packed.labels.tolist(), [])
 
 
-def test_packed_rows_of_one_sample_pass_no_position_ids(micro_model):
-    """One sample per packed row: no position ids, so attention can run as a plain causal kernel (no
-    materialised mask); the loss equals the padded layout's, and flattening restores per-row positions."""
+def test_packed_rows_of_one_sample(micro_model):
+    """One sample per packed row: marked as such (attention may then run as a plain causal kernel, with no
+    mask tensor); the loss equals the padded layout's, and flattening keeps per-row positions."""
     a, b = Sample([1, 5, 6, 2, 9, 4], [1, 5, 6, 2, 9, 4]), Sample([1, 7, 2, 8], [1, 7, 2, 8])
     packed = collate([a, b], PAD, packing=True, max_length=6)  # neither fits beside the other
-    assert packed.position_ids is None and packed.attention_mask is None
-    assert packed.model_inputs().keys() == {"input_ids", "use_cache"}
+    assert packed.one_sample_per_row and packed.attention_mask is None
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1]]  # the padding tail restarts
+    assert packed.model_inputs().keys() == {"input_ids", "position_ids", "use_cache"}
     assert packed.labels.tolist() == [[-100, 5, 6, 2, 9, 4], [-100, 7, 2, 8, -100, -100]]
     padded = collate([a, b], PAD)
     reference = summed_loss(micro_model, padded)
     assert summed_loss(micro_model, packed) == pytest.approx(reference, rel=1e-6)
     flat = packed.flattened()
-    assert flat.position_ids.tolist() == [[0, 1, 2, 3, 4, 5] * 2]
+    assert flat.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1]] and not flat.one_sample_per_row
     assert summed_loss(micro_model, flat) == pytest.approx(reference, rel=1e-6)
     with pytest.raises(ValueError, match="padded"):
         padded.flattened()

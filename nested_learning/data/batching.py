@@ -32,10 +32,10 @@ class Batch:
     Packed layout: ``attention_mask`` is None and ``position_ids`` restart at 0 for each sample (the padding
     at the end of a row is its own short sequence with labels -100); transformers turns this into a
     block-diagonal causal mask, which it does only when no attention mask and no KV cache are passed.
-    When every packed row holds a single sample, ``position_ids`` is None as well: plain causal attention is
-    then exact (padding sits only at row ends, after every real token, and carries no loss), and attention
-    runs as an unmasked causal kernel instead of a materialised (B, 1, T, T) mask, which transformers builds
-    whenever position ids are passed under ``torch.compile``.
+    ``one_sample_per_row``: every row is one sample from position 0 followed only by padding (always so in the
+    padded layout; in the packed one when no row holds two samples). Plain causal attention is then exact for
+    every token that carries loss, and the loss functions let attention run without a mask tensor
+    (``nested_learning.attention.causal_rows``).
     """
 
     input_ids: torch.Tensor  # (B, T) long
@@ -44,6 +44,7 @@ class Batch:
     position_ids: torch.Tensor | None
     num_tokens: int  # real (non-pad) tokens
     num_loss_tokens: int  # labels[:, 1:] != -100: the tokens a next-token loss is computed on
+    one_sample_per_row: bool = False
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         device = torch.device(device)
@@ -79,12 +80,9 @@ class Batch:
         boundaries from ``position_ids`` only when the batch has a single row). Same loss as ``self``."""
         if self.attention_mask is not None:
             raise ValueError("flattened() needs a packed batch (no attention mask), not a padded one")
-        positions = self.position_ids
-        if positions is None:  # one sample per row: each row restarts at 0
-            positions = torch.arange(self.input_ids.size(1), device=self.input_ids.device).expand_as(self.input_ids)
         return replace(
             self, input_ids=self.input_ids.reshape(1, -1), labels=self.labels.reshape(1, -1),
-            position_ids=positions.reshape(1, -1),
+            position_ids=self.position_ids.reshape(1, -1), one_sample_per_row=self.input_ids.size(0) == 1,
         )
 
 
@@ -110,9 +108,8 @@ def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, ma
 
     ``packing=True``: samples are laid, in order, into as few rows of <= ``max_length`` tokens as possible;
     T is the longest row. Each sample's ``position_ids`` start at 0 and its first label is -100 (it has
-    no in-sample predecessor), so the summed loss equals the padded layout's on the same samples. Rows that
-    each hold one sample need no ``position_ids`` (see ``Batch``); they are left out then. ``width``: pad
-    rows to at least this many tokens (a fixed batch shape).
+    no in-sample predecessor), so the summed loss equals the padded layout's on the same samples.
+    ``width``: pad rows to at least this many tokens (a fixed batch shape).
     """
     if not samples:
         raise ValueError("collate: no samples")
@@ -142,8 +139,7 @@ def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, ma
     input_ids = torch.tensor(ids_rows, dtype=torch.long)  # (B, T)
     labels = torch.tensor(label_rows, dtype=torch.long)  # (B, T)
     if packing:
-        shared = any(len(g) > 1 for g in groups)
-        attention_mask, position_ids = None, torch.tensor(pos_rows, dtype=torch.long) if shared else None
+        attention_mask, position_ids = None, torch.tensor(pos_rows, dtype=torch.long)
     else:
         lengths = torch.tensor([len(s) for s in samples])
         attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, T)
@@ -151,6 +147,7 @@ def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, ma
     return Batch(
         input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
         num_tokens=sum(len(s) for s in samples), num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        one_sample_per_row=all(len(g) == 1 for g in groups),
     )
 
 
