@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Iterator
 
 __all__ = ["CAUSAL_SDPA", "causal_rows", "use_causal_sdpa"]
@@ -24,21 +25,27 @@ log = logging.getLogger("nested_learning.attention")
 _registered = False
 
 
-_rows_start_at_zero = False  # set by ``causal_rows`` around a forward; read while transformers builds masks
+class _RowsState(threading.local):
+    """Per thread: set by ``causal_rows`` around a forward, read while transformers builds masks."""
+
+    def __init__(self) -> None:
+        self.start_at_zero = False  # present on every thread, so a compiled read never misses
+
+
+_rows = _RowsState()
 
 
 @contextlib.contextmanager
 def causal_rows(enabled: bool = True) -> Iterator[None]:
     """Within: every row of the batch is one sample starting at position 0, followed only by padding that
     carries no loss (``Batch.one_sample_per_row``), so plain causal attention is exact for every token that
-    matters and ``CAUSAL_SDPA`` passes no mask. Process-wide; ``torch.compile`` guards on it, so a compiled
-    model keeps one graph with and one without."""
-    global _rows_start_at_zero
-    previous, _rows_start_at_zero = _rows_start_at_zero, bool(enabled)
+    matters and ``CAUSAL_SDPA`` passes no mask. Per thread (two trainings in one process do not see each other's
+    batches); ``torch.compile`` guards on it, so a compiled model keeps one graph with and one without."""
+    previous, _rows.start_at_zero = _rows.start_at_zero, bool(enabled)
     try:
         yield
     finally:
-        _rows_start_at_zero = previous
+        _rows.start_at_zero = previous
 
 
 def _causal_mask_or_none(*args, **kwargs):
@@ -51,7 +58,7 @@ def _causal_mask_or_none(*args, **kwargs):
     positional calls go to ``sdpa_mask`` unchanged."""
     from transformers.masking_utils import sdpa_mask
 
-    if args or not _rows_start_at_zero:
+    if args or not _rows.start_at_zero:
         return sdpa_mask(*args, **kwargs)
     q_length = kwargs.get("q_length")
     if q_length is None and kwargs.get("cache_position") is not None:  # older transformers' signature

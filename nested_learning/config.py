@@ -52,7 +52,8 @@ class ModelConfig(_Section):
         True, description="With `attn_implementation: sdpa`: batches whose rows each hold one sample from position 0 "
         "(padded rows, packed rows of one sample) run SDPA's causal kernel with no mask tensor. Under `torch.compile` "
         "transformers otherwise builds a (batch, 1, T, T) mask for them and attention computes the whole T x T square. "
-        "Same attention for every token that carries loss (padding only follows real tokens).",
+        "Same attention for every token that carries loss (padding only follows real tokens). H200, Llama-1B 8x2048: "
+        "attention kernels 61 -> 23 ms per step (docs/benchmarks.md).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")

@@ -106,3 +106,26 @@ def test_other_implementations_are_left_alone():
     model.get_base_model().set_attn_implementation("eager")
     assert not use_causal_sdpa(model)
     assert model.get_base_model().config._attn_implementation == "eager"
+
+
+def test_causal_rows_is_per_thread():
+    """Two trainings in one process: one thread's single-sample batches never drop another thread's mask."""
+    import threading
+
+    from nested_learning.attention import _causal_mask_or_none
+
+    args = dict(batch_size=1, q_length=6, kv_length=6, kv_offset=0, attention_mask=None, allow_is_causal_skip=False)
+    inside, seen = threading.Event(), {}
+
+    def other_thread():
+        inside.wait(timeout=10)
+        seen["other"] = _causal_mask_or_none(**args)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with causal_rows():
+        inside.set()
+        t.join(timeout=10)
+        seen["this"] = _causal_mask_or_none(**args)
+    assert seen["this"] is None
+    assert seen["other"] is not None and seen["other"].shape == (1, 1, 6, 6)
