@@ -1,14 +1,14 @@
 """Causal attention with no mask tensor for rows that need none, also under ``torch.compile``.
 
-Training batches whose rows each hold one sample starting at position 0 (padded rows, packed rows of one
-sample) need plain causal attention and nothing else: padding sits after every real token and carries no loss.
-SDPA's causal kernels (``is_causal``) then skip the blocks above the diagonal. transformers passes no mask in
-that case when it runs eagerly, but under ``torch.compile`` it cannot read the position ids it made to rule
-out packed rows, so it builds a (B, 1, T, T) mask and the kernel computes the whole T x T square.
+Training batches whose rows each hold one sample from position 0, right-padded (``Batch.one_sample_per_row``),
+need plain causal attention and nothing else: padding follows every real token and carries no loss. SDPA's
+causal kernels (``is_causal``) then skip the blocks above the diagonal. transformers passes a mask whenever a row
+has padding, and under ``torch.compile`` it cannot read the padding mask to find out there is none, so it builds
+a (B, 1, T, T) mask and the kernel computes the whole T x T square.
 
 ``CAUSAL_SDPA`` is transformers' own SDPA attention under a name of its own. Its mask builder is transformers'
-SDPA mask builder, except inside ``causal_rows()`` (which the loss functions enter for such batches), where a
-whole-row causal mask becomes ``None``. The attention function is the same, so only the mask changes.
+SDPA mask builder, except inside ``causal_rows()`` (which the loss functions enter for such batches), where
+transformers' plain causal mask becomes ``None``. The attention function is the same, so only the mask changes.
 """
 
 from __future__ import annotations
@@ -49,27 +49,29 @@ def causal_rows(enabled: bool = True) -> Iterator[None]:
 
 
 def _causal_mask_or_none(*args, **kwargs):
-    """transformers' SDPA mask builder, except inside ``causal_rows`` when the result would be causal attention
-    over the whole row: then ``None``, and SDPA runs its causal kernel (``is_causal``).
+    """transformers' SDPA mask builder, except inside ``causal_rows`` when transformers asks for its plain causal
+    mask over whole rows (padding aside): then ``None``, and SDPA runs its causal kernel (``is_causal``).
 
-    transformers cannot tell this case apart under ``torch.compile``: the model makes position ids itself and
-    checks whether they restart (packed rows) by reading them, which a traced graph cannot, so it builds a mask
-    for packed rows. Sliding windows (``local_size``), queries that do not cover every key (a KV cache) and
-    positional calls go to ``sdpa_mask`` unchanged."""
-    from transformers.masking_utils import sdpa_mask
+    Anything else goes to ``sdpa_mask`` as it came: another mask function (sliding windows, bidirectional or
+    prefix attention, packed rows, extra and/or masks), a local window, queries that do not start at the first
+    key (a KV cache), positional calls."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     if args or not _rows.start_at_zero:
         return sdpa_mask(*args, **kwargs)
     q_length = kwargs.get("q_length")
     if q_length is None and kwargs.get("cache_position") is not None:  # older transformers' signature
         q_length = kwargs["cache_position"].shape[0]
-    whole_rows = (
-        kwargs.get("local_size") is None
+    plain = (
+        kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+        and kwargs.get("allow_is_causal_skip", True)
+        and kwargs.get("local_size") is None
         and q_length is not None
         and q_length == kwargs.get("kv_length")
         and not kwargs.get("kv_offset", 0)
+        and not kwargs.get("q_offset", 0)
     )
-    return None if whole_rows else sdpa_mask(**kwargs)
+    return None if plain else sdpa_mask(**kwargs)
 
 
 def _register() -> None:

@@ -69,23 +69,24 @@ def test_same_loss_and_grads_as_transformers_sdpa(arch, layout, sdpa_masks):
 
 
 def test_no_mask_under_compile_and_one_graph_each_way(sdpa_masks):
-    """Compiled (dynamo + AOT autograd, no codegen): transformers' sdpa gets a mask for single-sample rows;
-    CAUSAL_SDPA inside ``causal_rows`` gets none, and outside it gets transformers' mask again."""
+    """Compiled (dynamo + AOT autograd, no codegen), on the inputs the trainer passes for rows of one sample:
+    transformers' sdpa gets a mask (it cannot read the padding mask while tracing); CAUSAL_SDPA inside
+    ``causal_rows`` gets none, and outside it gets transformers' mask again. Same logits on real tokens."""
     ref, ours = _pair()
-    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(3))
-    eager = ref(input_ids=ids).logits
-    assert sdpa_masks == [False, False]  # eagerly, transformers itself passes no mask here
+    batch = collate(_samples((24, 19)), 0, packing=True, max_length=24)  # one row with 5 tokens of padding
+    assert batch.one_sample_per_row
+    real = batch.attention_mask.bool()
+    eager = ref(**batch.model_inputs()).logits[real]
     sdpa_masks.clear()
     torch._dynamo.reset()
-    compiled_ref = torch.compile(ref, backend="aot_eager")
-    out = compiled_ref(input_ids=ids).logits
+    out = torch.compile(ref, backend="aot_eager")(**batch.model_inputs()).logits[real]
     assert sdpa_masks and all(sdpa_masks), "transformers builds a mask while compiling (what the switch avoids)"
     torch.testing.assert_close(out, eager)
     compiled = torch.compile(ours, backend="aot_eager")
     for inside, masked in ((True, False), (False, True), (True, False)):
         sdpa_masks.clear()
         with causal_rows(inside):
-            out = compiled(input_ids=ids).logits
+            out = compiled(**batch.model_inputs()).logits[real]
         assert sdpa_masks and set(sdpa_masks) == {masked}
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
 
@@ -93,12 +94,26 @@ def test_no_mask_under_compile_and_one_graph_each_way(sdpa_masks):
 def test_windows_and_caches_keep_their_mask():
     from nested_learning.attention import _causal_mask_or_none
 
-    common = dict(batch_size=1, q_length=6, kv_length=6, kv_offset=0, attention_mask=None, allow_is_causal_skip=False)
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    pad = torch.tensor([[1, 1, 1, 1, 0, 0]])
+
+    common = dict(batch_size=1, q_length=6, kv_length=6, kv_offset=0, attention_mask=None,
+                  mask_function=causal_mask_function, allow_is_causal_skip=True)
+    def as_transformers(**kw):  # what transformers' own builder returns, mask or None
+        got, want = _causal_mask_or_none(**kw), sdpa_mask(**kw)
+        return (got is None and want is None) or (got is not None and want is not None and torch.equal(got, want))
+
     with causal_rows():
-        assert _causal_mask_or_none(**common) is None
-        assert _causal_mask_or_none(**{**common, "local_size": 3}) is not None  # sliding window
-        assert _causal_mask_or_none(**{**common, "q_length": 1}) is not None  # decoding with a cache
-    assert _causal_mask_or_none(**common) is not None  # outside causal_rows: transformers' own mask
+        assert _causal_mask_or_none(**common) is None and _causal_mask_or_none(**{**common, "attention_mask": pad}) is None
+        assert _causal_mask_or_none(**{**common, "allow_is_causal_skip": False}) is not None  # e.g. packed rows
+        assert as_transformers(**{**common, "allow_is_causal_skip": False})
+        assert _causal_mask_or_none(**{**common, "mask_function": bidirectional_mask_function, "attention_mask": pad}) is not None
+        assert as_transformers(**{**common, "local_size": 3})  # sliding window: a mask
+        assert _causal_mask_or_none(**{**common, "local_size": 3}) is not None
+        assert as_transformers(**{**common, "q_length": 1})  # decoding with a cache: transformers decides
+    assert _causal_mask_or_none(**{**common, "attention_mask": pad}) is not None  # outside: transformers' mask
+    assert as_transformers(**{**common, "attention_mask": pad})
 
 
 def test_other_implementations_are_left_alone():
@@ -114,7 +129,8 @@ def test_causal_rows_is_per_thread():
 
     from nested_learning.attention import _causal_mask_or_none
 
-    args = dict(batch_size=1, q_length=6, kv_length=6, kv_offset=0, attention_mask=None, allow_is_causal_skip=False)
+    args = dict(batch_size=1, q_length=6, kv_length=6, kv_offset=0, attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]]),
+                allow_is_causal_skip=True)
     inside, seen = threading.Event(), {}
 
     def other_thread():
@@ -129,3 +145,22 @@ def test_causal_rows_is_per_thread():
         seen["this"] = _causal_mask_or_none(**args)
     assert seen["this"] is None
     assert seen["other"] is not None and seen["other"].shape == (1, 1, 6, 6)
+
+
+def test_non_causal_models_keep_their_attention():
+    """A model configured for bidirectional attention keeps it (and its padding mask) inside ``causal_rows``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=211, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=12, use_cache=False, is_causal=False)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    ours = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    ours.load_state_dict(ref.state_dict())
+    assert use_causal_sdpa(ours)
+    batch = collate(_samples((5, 17, 9, 30)), 0, max_length=32)
+    with causal_rows(batch.one_sample_per_row):
+        got = ours(**batch.model_inputs()).logits
+    want = ref(**batch.model_inputs()).logits
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(got[real], want[real])

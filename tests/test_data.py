@@ -226,9 +226,9 @@ def test_collate_padded_and_packed_exact():
     assert padded.input_ids.tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
     assert padded.labels.tolist() == [[-100, -100, 6, 2], [1, 7, 2, -100]]
     assert padded.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    assert padded.position_ids is None and padded.one_sample_per_row
+    assert padded.position_ids.tolist() == [[0, 1, 2, 3]] * 2 and padded.one_sample_per_row
     assert (padded.num_tokens, padded.num_loss_tokens) == (7, 4)
-    assert padded.model_inputs().keys() == {"input_ids", "attention_mask", "use_cache"}
+    assert padded.model_inputs().keys() == {"input_ids", "attention_mask", "position_ids", "use_cache"}
 
     packed = collate([a, b, a], PAD, packing=True, max_length=8)
     # Rows: (a, b) and (a,), T = the longest row; the padding tail counts positions from 0 like a sample.
@@ -247,22 +247,23 @@ def test_collate_padded_and_packed_exact():
 
 
 def test_packed_rows_of_one_sample(micro_model):
-    """One sample per packed row: marked as such (attention may then run as a plain causal kernel, with no
-    mask tensor); the loss equals the padded layout's, and flattening keeps per-row positions."""
+    """One sample per packed row: the padded layout, marked as such (attention may then run as a plain causal
+    kernel, with no mask tensor); the loss equals the padded layout's, and so does the flattened batch's."""
     a, b = Sample([1, 5, 6, 2, 9, 4], [1, 5, 6, 2, 9, 4]), Sample([1, 7, 2, 8], [1, 7, 2, 8])
     packed = collate([a, b], PAD, packing=True, max_length=6)  # neither fits beside the other
-    assert packed.one_sample_per_row and packed.attention_mask is None
-    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1]]  # the padding tail restarts
-    assert packed.model_inputs().keys() == {"input_ids", "position_ids", "use_cache"}
+    assert packed.one_sample_per_row
+    assert packed.attention_mask.tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5]] * 2
+    assert packed.model_inputs().keys() == {"input_ids", "attention_mask", "position_ids", "use_cache"}
     assert packed.labels.tolist() == [[-100, 5, 6, 2, 9, 4], [-100, 7, 2, 8, -100, -100]]
     padded = collate([a, b], PAD)
     reference = summed_loss(micro_model, padded)
     assert summed_loss(micro_model, packed) == pytest.approx(reference, rel=1e-6)
     flat = packed.flattened()
-    assert flat.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1]] and not flat.one_sample_per_row
+    assert flat.position_ids.tolist() == [[0, 1, 2, 3, 4, 5] * 2] and flat.attention_mask is None
+    assert not flat.one_sample_per_row  # one row, two samples
     assert summed_loss(micro_model, flat) == pytest.approx(reference, rel=1e-6)
-    with pytest.raises(ValueError, match="padded"):
-        padded.flattened()
+    assert summed_loss(micro_model, padded.flattened()) == pytest.approx(reference, rel=1e-6)
 
 
 def fake_samples(lengths):

@@ -28,14 +28,14 @@ GROUP_CHUNK_BATCHES = 32
 class Batch:
     """One micro-batch. ``labels`` are unshifted (position t is predicted from tokens < t), -100 = no loss.
 
-    Padded layout: ``attention_mask`` (B, T) marks real tokens, ``position_ids`` is None.
-    Packed layout: ``attention_mask`` is None and ``position_ids`` restart at 0 for each sample (the padding
-    at the end of a row is its own short sequence with labels -100); transformers turns this into a
-    block-diagonal causal mask, which it does only when no attention mask and no KV cache are passed.
-    ``one_sample_per_row``: every row is one sample from position 0 followed only by padding (always so in the
-    padded layout; in the packed one when no row holds two samples). Plain causal attention is then exact for
-    every token that carries loss, and the loss functions let attention run without a mask tensor
-    (``nested_learning.attention.causal_rows``).
+    Padded layout (one sample per row): ``attention_mask`` (B, T) marks real tokens, ``position_ids`` are
+    0..T-1 in every row, and ``one_sample_per_row`` is True. Padding follows every real token and carries no
+    loss, so plain causal attention is exact for every token that matters: the loss functions let attention
+    run with no mask tensor (``nested_learning.attention.causal_rows``).
+    Packed layout (some row holds several samples): ``attention_mask`` is None and ``position_ids`` restart
+    at 0 for each sample (the padding at the end of a row is its own short sequence with labels -100);
+    transformers turns this into a block-diagonal causal mask, which it does only when no attention mask and
+    no KV cache are passed.
     """
 
     input_ids: torch.Tensor  # (B, T) long
@@ -76,13 +76,18 @@ class Batch:
         return inputs
 
     def flattened(self) -> "Batch":
-        """A packed batch as one (1, B*T) row: what flash-attention's varlen path needs (it reads sequence
-        boundaries from ``position_ids`` only when the batch has a single row). Same loss as ``self``."""
-        if self.attention_mask is not None:
-            raise ValueError("flattened() needs a packed batch (no attention mask), not a padded one")
+        """The batch as one (1, B*T) row with no attention mask: what flash-attention's varlen path needs (it
+        reads sequence boundaries from ``position_ids`` only when the batch has a single row). Each row's
+        padding stays at the end of its own sequence and each row's first label is dropped, so the loss is the
+        same as ``self``'s."""
+        if self.position_ids is None:
+            raise ValueError("flattened() needs position_ids (collate makes them)")
+        labels = self.labels.clone()
+        labels[:, 0] = IGNORE_INDEX  # a row's first label never carries loss; joined to the row before, it would
         return replace(
-            self, input_ids=self.input_ids.reshape(1, -1), labels=self.labels.reshape(1, -1),
-            position_ids=self.position_ids.reshape(1, -1), one_sample_per_row=self.input_ids.size(0) == 1,
+            self, input_ids=self.input_ids.reshape(1, -1), labels=labels.reshape(1, -1),
+            attention_mask=None, position_ids=self.position_ids.reshape(1, -1),
+            one_sample_per_row=self.one_sample_per_row and self.input_ids.size(0) == 1,
         )
 
 
@@ -108,7 +113,8 @@ def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, ma
 
     ``packing=True``: samples are laid, in order, into as few rows of <= ``max_length`` tokens as possible;
     T is the longest row. Each sample's ``position_ids`` start at 0 and its first label is -100 (it has
-    no in-sample predecessor), so the summed loss equals the padded layout's on the same samples.
+    no in-sample predecessor), so the summed loss equals the padded layout's on the same samples. When no row
+    ends up holding two samples, the batch takes the padded layout (see ``Batch``).
     ``width``: pad rows to at least this many tokens (a fixed batch shape).
     """
     if not samples:
@@ -138,16 +144,17 @@ def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, ma
 
     input_ids = torch.tensor(ids_rows, dtype=torch.long)  # (B, T)
     labels = torch.tensor(label_rows, dtype=torch.long)  # (B, T)
-    if packing:
-        attention_mask, position_ids = None, torch.tensor(pos_rows, dtype=torch.long)
-    else:
-        lengths = torch.tensor([len(s) for s in samples])
+    one_sample_per_row = all(len(g) == 1 for g in groups)
+    if one_sample_per_row:  # the padded layout, whether or not packing was asked for
+        lengths = torch.tensor([len(g[0]) for g in groups])
         attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, T)
-        position_ids = None
+        position_ids = torch.arange(width).expand(len(groups), width).contiguous()
+    else:
+        attention_mask, position_ids = None, torch.tensor(pos_rows, dtype=torch.long)
     return Batch(
         input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
         num_tokens=sum(len(s) for s in samples), num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-        one_sample_per_row=all(len(g) == 1 for g in groups),
+        one_sample_per_row=one_sample_per_row,
     )
 
 
