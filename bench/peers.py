@@ -4,6 +4,7 @@
     python bench/peers.py --cpu-smoke            # tiny model on the CPU: checks every variant runs
     python bench/peers.py --variants ours --set model.fused_lora=false --tag nofuse   # a switch, side by side
     python bench/peers.py --variants ours,peft_compile --profile prof/   # + kernel-time breakdown per variant
+    python bench/peers.py --shapes qwen0.5b --data fixed --variants ours --batch 165   # does the estimate fit?
 
 Every variant runs in its own process (own peak memory, own compile cache state) on the same randomly
 initialised model of a real architecture (shapes below; no download), the same synthetic token data, LoRA
@@ -72,6 +73,12 @@ LR = 2e-4
 
 
 # --------------------------------------------------------------------------------------------- shared bits
+def dims(spec: dict) -> tuple[int, int]:
+    """(batch rows, sequence length) of a run: the shape's own, or ``--batch`` when given."""
+    _, _, batch, seq = SHAPES[spec["shape"]]
+    return spec.get("batch") or batch, seq
+
+
 def model_config(shape: str):
     from transformers import LlamaConfig, Qwen2Config
 
@@ -178,7 +185,7 @@ class StepClock:
 def run_plain(spec: dict, device) -> dict:
     """peft_adamw / peft_compile / peft_liger / seed_style: the loop most hand-written trainers have."""
     shape, variant = spec["shape"], spec["variant"]
-    _, _, batch, seq = SHAPES[shape]
+    batch, seq = dims(spec)
     if variant == "peft_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
 
@@ -230,7 +237,7 @@ def run_hf_trainer(spec: dict, device) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     shape = spec["shape"]
-    _, _, batch, seq = SHAPES[shape]
+    batch, seq = dims(spec)
     model = lora(build_base(shape, device))
     params = [p for p in model.parameters() if p.requires_grad]
     clock = StepClock(device)
@@ -282,7 +289,7 @@ def run_ours(spec: dict, device) -> dict:
     from nested_learning.optim.torch import NestedAdamW
 
     shape, variant = spec["shape"], spec["variant"]
-    _, _, batch, seq = SHAPES[shape]
+    batch, seq = dims(spec)
     check = variant == "ours_check"
     n_steps = spec["warmup"] + spec["steps"]
     out_dir = tempfile.mkdtemp(prefix="peers-ours-")
@@ -380,7 +387,7 @@ def worker(spec: dict) -> dict:
     res = run_ours(spec, device) if v.startswith("ours") else run_hf_trainer(spec, device) if v == "hf_trainer" \
         else run_plain(spec, device)
     res["wall_s"] = time.perf_counter() - t0
-    return add_figures(res, model_config(spec["shape"]), SHAPES[spec["shape"]][2], device.type == "cuda")
+    return add_figures(res, model_config(spec["shape"]), dims(spec)[0], device.type == "cuda")
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -397,6 +404,9 @@ def main() -> None:
                     help="config override for the ours* variants (e.g. model.fused_lora=false)")
     ap.add_argument("--tag", default="", help="suffix for the ours* variant names in the results (with --set)")
     ap.add_argument("--profile", default=None, help="write a kernel-time breakdown of 3 steps per variant here")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="rows per step instead of the shape's own (results are labelled @bN); e.g. to check that "
+                         "the estimated largest batch fits")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, 1+2 steps per variant")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -414,6 +424,7 @@ def main() -> None:
     results = read_runs(args.json)
     for shape in args.shapes.split(","):
         _, _, batch, seq = SHAPES[shape]
+        batch = args.batch or batch
         for setting in args.data.split(","):
             for variant in args.variants.split(","):
                 if variant == "ours_check" and setting != "fixed":
@@ -422,9 +433,11 @@ def main() -> None:
                 n_tokens = (args.warmup + steps + 6) * batch * seq * (1 if setting == "fixed" else 2)
                 spec = dict(shape=shape, data=setting, variant=variant, warmup=args.warmup, steps=steps,
                             n_tokens=n_tokens, cpu=args.cpu_smoke, profile=args.profile,
-                            overrides=args.set if variant.startswith("ours") else [])
+                            overrides=args.set if variant.startswith("ours") else [], batch=batch)
                 if variant.startswith("ours") and args.tag:
                     variant = spec["label"] = f"{variant}+{args.tag}"
+                if args.batch:
+                    variant = spec["label"] = f"{variant}@b{batch}"
                 t0 = time.perf_counter()
                 try:
                     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,

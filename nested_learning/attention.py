@@ -99,6 +99,6 @@ def use_causal_sdpa(model) -> bool:
         _register()
         inner.set_attn_implementation(CAUSAL_SDPA)
     except (ImportError, AttributeError, ValueError) as exc:  # transformers without the interfaces
-        log.warning("model.sdpa_causal_skip: not available with this transformers (%s); keeping sdpa", exc)
+        log.warning("model.skip_causal_mask: not available with this transformers (%s); keeping sdpa", exc)
         return False
     return getattr(inner.config, "_attn_implementation", None) == CAUSAL_SDPA

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from nested_learning import checkpoint as ckpt
+from nested_learning.attention import use_causal_sdpa
 from nested_learning.config import ConfigError, ScheduleConfig, TrainConfig
 from nested_learning.evaluate import evaluate_loss
 from nested_learning.loss import make_loss_fn
 from nested_learning.metrics import MetricsLog
-from nested_learning.attention import use_causal_sdpa
 from nested_learning.fused_lora import fuse_lora_groups
 from nested_learning.model import (
     apply_kernel_choices, autocast_context, load_model, load_tokenizer, maybe_compile, resolve_device,
