@@ -1,7 +1,9 @@
 """Kernel-time breakdown of a few training steps (``torch.profiler``), for ``bench/peers.py --profile DIR``.
 
 Writes ``<dir>/<shape>-<data>-<variant>.txt``: CUDA time per step by kernel family (GEMM, attention, Triton
-fused, copies, the rest) and the 80 kernels that take the most time.
+fused, copies, the rest), the 80 kernels that take the most time, and where the GPU sat idle: the time between
+the first kernel's start and the last kernel's end that no kernel covered, with the largest gaps and the
+kernels on either side of each (the host was late there: launches, guards, a synchronisation).
 """
 
 from __future__ import annotations
@@ -63,4 +65,29 @@ class StepProfiler:
         lines.append(f"{'ms/step':>8} {'calls/step':>10}  family       kernel")
         for t, n, fam, key in sorted(rows, reverse=True)[:80]:
             lines.append(f"{t / self.count / 1e3:8.3f} {n / self.count:10.1f}  {fam:12} {key[:150]}")
+        lines.append("")
+        lines.extend(self.idle_report())
         return "\n".join(lines) + "\n"
+
+    def idle_report(self, top: int = 25) -> list[str]:
+        spans = sorted(
+            (ev.time_range.start, ev.time_range.end, ev.name)
+            for ev in self.prof.events()
+            if str(getattr(ev, "device_type", "")).endswith("CUDA") and ev.time_range.end > ev.time_range.start
+        )
+        if not spans:
+            return ["GPU idle: no kernel spans recorded"]
+        gaps, busy_end, prev = [], spans[0][0], spans[0][2]
+        for start, end, name in spans:
+            if start > busy_end:
+                gaps.append((start - busy_end, prev, name))
+            if end > busy_end:
+                busy_end, prev = end, name
+        wall = busy_end - spans[0][0]
+        idle = sum(g for g, _, _ in gaps)
+        out = [f"GPU idle per step: {idle / self.count / 1e3:.2f} ms of {wall / self.count / 1e3:.2f} ms "
+               f"(first kernel start to last kernel end; {len(gaps) / self.count:.0f} gaps per step)",
+               f"{'gap us':>8}  after -> before"]
+        for g, a, b in sorted(gaps, reverse=True)[:top]:
+            out.append(f"{g:8.0f}  {a[:70]} -> {b[:70]}")
+        return out

@@ -55,6 +55,12 @@ class ModelConfig(_Section):
         "Same attention for every token that carries loss (padding only follows real tokens). H200, Llama-1B 8x2048: "
         "attention kernels 61 -> 23 ms per step (docs/benchmarks.md).",
     )
+    outer_rotary: bool = Field(
+        True, description="Compute rotary cos/sin tables as an outer product laid out (batch, position, dim), the way "
+        "newer transformers releases do; older ones (e.g. 5.17) take a transposed matrix product, and the compiled "
+        "rotary kernels then read it along the transposed dimension (see `nested_learning/rotary.py`). Bit-identical "
+        "tables, checked per module; dynamic rotary types keep their own.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
     device: str = Field("auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`.")
@@ -83,6 +89,11 @@ class ModelConfig(_Section):
     loss_chunk_tokens: int = Field(
         2048, ge=0, description="Compute the head and cross-entropy over chunks of this many tokens, so the full "
         "(tokens x vocab) logits never exist (same loss; much less memory). 0: the model's own full-logits forward.",
+    )
+    loss_chunk_kernel: Literal["triton", "compile"] = Field(
+        "triton", description="With `loss_chunk_tokens > 0` on CUDA: each chunk's softmax, loss and logits gradient as "
+        "one Triton kernel reading the logits twice (`nested_learning/ce_kernel.py`), or `compile`: torch.compile's "
+        "kernels, which read them three times. Falls back to `compile` where Triton cannot run; eager on CPU.",
     )
 
 

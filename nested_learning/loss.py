@@ -69,10 +69,11 @@ def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool) -> t
 
 
 _compiled_chunk: Callable | None = None
+CHUNK_KERNELS = ("triton", "compile")
 
 
-def _chunk_fn(device: torch.device) -> Callable:
-    """On CUDA the chunk's element-wise work is one fused kernel (torch.compile); eager elsewhere or if
+def _compiled(device: torch.device) -> Callable:
+    """On CUDA the chunk's element-wise work as fused kernels (torch.compile); eager elsewhere or if
     compilation is unavailable."""
     global _compiled_chunk
     if device.type != "cuda":
@@ -89,13 +90,30 @@ def _chunk_fn(device: torch.device) -> Callable:
     return _compiled_chunk
 
 
+def _chunk_fn(device: torch.device, kernel: str = "triton") -> Callable:
+    """The per-chunk loss (and logits gradient): ``model.loss_chunk_kernel``. ``triton`` is the two-pass row
+    kernel of ``ce_kernel.py`` where it can run (CUDA, Triton installed), else the compiled chunk; ``compile``
+    the compiled chunk. The CPU always runs the eager chunk."""
+    compiled = _compiled(device)
+    if kernel != "triton" or device.type != "cuda":
+        return compiled
+    from nested_learning import ce_kernel
+
+    def chunk(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool) -> torch.Tensor:
+        if ce_kernel.available(logits):
+            return ce_kernel.ce_chunk(logits, targets, want_grad)
+        return compiled(logits, targets, want_grad)
+
+    return chunk
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, kernel: str):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = bias is not None and ctx.needs_input_grad[2]
         want_grad = want_h or want_w or want_b
-        fn = _chunk_fn(hidden.device)
+        fn = _chunk_fn(hidden.device, kernel)
         acc = torch.promote_types(hidden.dtype, torch.float32)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_h else None
@@ -121,17 +139,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         # The loss is a scalar: its gradients were computed in forward; scale them by the incoming gradient.
         grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
-        return grads[0], grads[1], grads[2], None, None
+        return grads[0], grads[1], grads[2], None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                             bias: torch.Tensor | None = None, chunk: int = 2048) -> torch.Tensor:
+                             bias: torch.Tensor | None = None, chunk: int = 2048,
+                             kernel: str = "triton") -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=-100, reduction="sum")``
     without ever holding more than ``chunk`` rows of logits. ``hidden`` (N, H), ``weight`` (V, H), ``targets`` (N,).
-    Same value and gradients as the full computation (to float32 rounding)."""
+    Same value and gradients as the full computation (to float32 rounding). ``kernel``: see ``_chunk_fn``."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+    if kernel not in CHUNK_KERNELS:
+        raise ValueError(f"kernel must be one of {CHUNK_KERNELS}, got {kernel!r}")
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, kernel)
 
 
 def _unwrap(model):
@@ -157,7 +178,7 @@ def decoder_and_head(model):
     return decoder, head
 
 
-def chunked_token_loss_sum(model, batch, chunk: int = 2048) -> tuple[torch.Tensor, int]:
+def chunked_token_loss_sum(model, batch, chunk: int = 2048, kernel: str = "triton") -> tuple[torch.Tensor, int]:
     """``token_loss_sum`` without the full logits (see the module docstring); falls back to it for models
     whose head is not a plain linear layer on the decoder's output."""
     parts = decoder_and_head(model)
@@ -168,17 +189,18 @@ def chunked_token_loss_sum(model, batch, chunk: int = 2048) -> tuple[torch.Tenso
         hidden = decoder(**batch.model_inputs()).last_hidden_state  # (B, T, H)
     hidden = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
     targets = batch.labels[:, 1:].to(hidden.device).reshape(-1)
-    loss_sum = linear_cross_entropy_sum(hidden, head.weight, targets, bias=head.bias, chunk=chunk)
+    loss_sum = linear_cross_entropy_sum(hidden, head.weight, targets, bias=head.bias, chunk=chunk, kernel=kernel)
     return loss_sum, int(batch.num_loss_tokens)
 
 
-def make_loss_fn(chunk_tokens: int) -> Callable:
-    """The loss the trainer uses: chunked when ``chunk_tokens > 0`` (``model.loss_chunk_tokens``), else full logits."""
+def make_loss_fn(chunk_tokens: int, kernel: str = "triton") -> Callable:
+    """The loss the trainer uses: chunked when ``chunk_tokens > 0`` (``model.loss_chunk_tokens``, with
+    ``model.loss_chunk_kernel``), else full logits."""
     if chunk_tokens <= 0:
         return token_loss_sum
 
     def loss_fn(model, batch):
-        return chunked_token_loss_sum(model, batch, chunk_tokens)
+        return chunked_token_loss_sum(model, batch, chunk_tokens, kernel)
 
-    loss_fn.__name__ = f"chunked_token_loss_sum[{chunk_tokens}]"
+    loss_fn.__name__ = f"chunked_token_loss_sum[{chunk_tokens},{kernel}]"
     return loss_fn

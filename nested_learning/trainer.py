@@ -29,6 +29,7 @@ from nested_learning.config import ConfigError, ScheduleConfig, TrainConfig
 from nested_learning.evaluate import evaluate_loss
 from nested_learning.loss import make_loss_fn
 from nested_learning.metrics import MetricsLog
+from nested_learning.rotary import use_outer_rotary
 from nested_learning.fused_lora import fuse_lora_groups
 from nested_learning.model import (
     apply_kernel_choices, autocast_context, load_model, load_tokenizer, maybe_compile, resolve_device,
@@ -219,7 +220,7 @@ def run_training(
     checkpoint / run directory. ``loss_fn(model, batch) -> (loss_sum, n_loss_tokens)`` can be swapped;
     by default it is ``make_loss_fn(model.loss_chunk_tokens)`` (chunked head + cross-entropy, or full logits).
     """
-    loss_fn = loss_fn or make_loss_fn(config.model.loss_chunk_tokens)
+    loss_fn = loss_fn or make_loss_fn(config.model.loss_chunk_tokens, config.model.loss_chunk_kernel)
     cfg, callbacks, stop_event = config, list(callbacks), stop_event or threading.Event()
     out = check_output_dir(cfg, resume)
     resume_from = ckpt.resolve_resume(resume, out)
@@ -238,6 +239,8 @@ def run_training(
     model = wrap_lora(base, cfg.lora, seed=cfg.seed)
     if cfg.model.skip_causal_mask:
         use_causal_sdpa(model)
+    if cfg.model.outer_rotary:
+        use_outer_rotary(model)
     if saved is not None:
         ckpt.load_adapter_weights(model, resume_from)
     if cfg.model.fused_lora:

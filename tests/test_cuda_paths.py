@@ -70,3 +70,29 @@ def test_compiled_trainer_follows_the_eager_trainer(tmp_path, caplog, capfd):
     assert eager[-1] < eager[0] - 0.1, eager  # the run learns, so a broken backward would show
     assert fast == pytest.approx(eager, rel=3e-2), (fast, eager)
     assert graphs == pytest.approx(eager, rel=3e-2), (graphs, eager)  # replayed graphs: same updates
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab", [1000, 128256])
+def test_triton_loss_chunk_matches_float64(dtype, vocab):
+    """``ce_kernel.ce_chunk`` (the default chunk kernel on CUDA) against the float64 chunk: loss and gradient,
+    ignored rows without loss or gradient, and logits untouched without ``want_grad``."""
+    from nested_learning import ce_kernel
+    from nested_learning.loss import _ce_chunk
+
+    g = torch.Generator("cuda").manual_seed(0)
+    logits = (torch.randn(67, vocab, device="cuda", generator=g) * 3).to(dtype)
+    targets = torch.randint(0, vocab, (67,), device="cuda", generator=g)
+    targets[::5] = -100
+    assert ce_kernel.available(logits)
+    ref = logits.double()
+    ref_loss = _ce_chunk(ref, targets, True)
+    got = logits.clone()
+    loss = ce_kernel.ce_chunk(got, targets, True)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    step = 2.0 ** -8 if dtype == torch.bfloat16 else 1e-6  # the gradient is stored in the logits' dtype
+    assert (got.double() - ref).abs().max().item() <= step
+    assert not got[::5].any()
+    untouched = logits.clone()
+    assert ce_kernel.ce_chunk(untouched, targets, False).item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert torch.equal(untouched, logits)
