@@ -8,6 +8,7 @@ kernels on either side of each (the host was late there: launches, guards, a syn
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -38,7 +39,10 @@ class StepProfiler:
             return
         if step == self.start:
             torch.cuda.synchronize()
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            activities = [torch.profiler.ProfilerActivity.CUDA]
+            if os.environ.get("NL_PROF_HOST"):  # also the host side: what runs while the GPU waits
+                activities.append(torch.profiler.ProfilerActivity.CPU)
+            self.prof = torch.profiler.profile(activities=activities)
             self.prof.__enter__()
         elif step == self.start + self.count and self.prof is not None:
             torch.cuda.synchronize()
@@ -77,17 +81,35 @@ class StepProfiler:
         )
         if not spans:
             return ["GPU idle: no kernel spans recorded"]
-        gaps, busy_end, prev = [], spans[0][0], spans[0][2]
+        gaps, gaps_at, busy_end, prev = [], [], spans[0][0], spans[0][2]
         for start, end, name in spans:
             if start > busy_end:
                 gaps.append((start - busy_end, prev, name))
+                gaps_at.append((start - busy_end, busy_end, start))
             if end > busy_end:
                 busy_end, prev = end, name
         wall = busy_end - spans[0][0]
         idle = sum(g for g, _, _ in gaps)
+        self.largest_gaps = sorted(gaps_at, reverse=True)[: self.count]
         out = [f"GPU idle per step: {idle / self.count / 1e3:.2f} ms of {wall / self.count / 1e3:.2f} ms "
                f"(first kernel start to last kernel end; {len(gaps) / self.count:.0f} gaps per step)",
                f"{'gap us':>8}  after -> before"]
         for g, a, b in sorted(gaps, reverse=True)[:top]:
             out.append(f"{g:8.0f}  {a[:70]} -> {b[:70]}")
-        return out
+        return out + self.host_report()
+
+    def host_report(self, top: int = 40) -> list[str]:
+        """With NL_PROF_HOST: host ranges and ops that overlap the largest gaps (one per step), by overlap."""
+        cpu = [ev for ev in self.prof.events() if str(getattr(ev, "device_type", "")).endswith("CPU")]
+        if not cpu or not getattr(self, "largest_gaps", None):
+            return []
+        overlap = defaultdict(float)
+        for _, a, b in self.largest_gaps:
+            for ev in cpu:
+                o = min(b, ev.time_range.end) - max(a, ev.time_range.start)
+                if o > 0:
+                    overlap[ev.name] += o
+        lines = ["", f"host ranges overlapping the largest gap of each step (us per step, nested ranges all count)"]
+        for name, o in sorted(overlap.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"{o / len(self.largest_gaps):8.0f}  {name[:120]}")
+        return lines
