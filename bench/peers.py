@@ -212,7 +212,9 @@ def run_ours(spec: dict, device) -> dict:
     trainer.prepare_data = prepare_data
     mem = {}
 
-    trainer.load_model = lambda model_cfg: build_base(shape, device)
+    from nested_learning.model import prepare_base
+
+    trainer.load_model = lambda model_cfg: prepare_base(build_base(shape, device), model_cfg)
     clock = StepClock(device)
     NestedAdamW.step = clock.wrap_step(NestedAdamW.step)
     real = {"seen": 0}

@@ -23,6 +23,7 @@ __all__ = [
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
+    "prepare_base",
     "resolve_device",
     "resolve_dtype",
     "uses_cuda_graphs",
@@ -113,7 +114,14 @@ def load_model(cfg: ModelConfig, seed: int = 0):
             )
         except (OSError, ValueError, ImportError) as exc:
             raise ModelError(f"model.name_or_path: cannot load a causal LM from {cfg.name_or_path!r}: {exc}") from None
-    apply_kernel_choices(cfg, device)
+    return prepare_base(model, cfg).to(device)
+
+
+def prepare_base(model, cfg: ModelConfig):
+    """What every loaded base model gets: the kernel choices, frozen weights, no KV cache, and
+    ``model.gradient_checkpointing``. ``load_model`` calls it; so does anything that builds the base itself
+    (``bench/peers.py``)."""
+    apply_kernel_choices(cfg, resolve_device(cfg.device))
     model.requires_grad_(False)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -121,7 +129,7 @@ def load_model(cfg: ModelConfig, seed: int = 0):
         with warnings.catch_warnings():  # renamed in newer transformers; the old name works on all we support
             warnings.simplefilter("ignore", FutureWarning)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device)
+    return model
 
 
 def wrap_lora(model, cfg: LoraConfig, seed: int):

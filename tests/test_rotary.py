@@ -116,3 +116,29 @@ def test_tables_stay_one_opaque_op_under_compile():
     params = [p for p in model.parameters() if p.requires_grad]
     for a, b in zip(torch.autograd.grad(eager, params), torch.autograd.grad(compiled, params)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_under_compile_keeps_loss_and_grads():
+    """``model.gradient_checkpointing`` with the compiled decoder (what 8B runs use to save memory): same loss
+    and gradients as without, with the rotary and causal-attention switches on."""
+    from nested_learning.attention import use_causal_sdpa
+    from nested_learning.config import ModelConfig
+    from nested_learning.model import prepare_base
+
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
+    results = []
+    for ckpt in (False, True):
+        model = tiny("llama", dtype=torch.float32)
+        prepare_base(model.get_base_model(), ModelConfig(device="cpu", gradient_checkpointing=ckpt))
+        for name, p in model.named_parameters():  # prepare_base froze everything; the adapters train
+            p.requires_grad_("lora_" in name)
+        assert model.get_base_model().is_gradient_checkpointing == ckpt
+        use_causal_sdpa(model)
+        use_outer_rotary(model)
+        model.train()
+        loss = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((loss, torch.autograd.grad(loss, params)))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
