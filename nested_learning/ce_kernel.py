@@ -17,6 +17,7 @@ chunk as its fallback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -39,7 +40,8 @@ def _kernel():
         row = tl.program_id(0)
         base = logits_ptr + row.to(tl.int64) * stride
         target = tl.load(targets_ptr + row)
-        valid = target != ignore_index
+        # Out-of-range targets read nothing and add nothing (their input ids already failed the embedding lookup).
+        valid = (target != ignore_index) & (target >= 0) & (target < V)
         cols = tl.arange(0, BLOCK)
         # Finite start: a lane that only sees masked (-inf) entries keeps sum 0 instead of exp(-inf - -inf).
         run_max = tl.full([BLOCK], -1.0e30, tl.float32)
@@ -88,6 +90,8 @@ def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool) -> to
     n, vocab = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
-        _kernel()[(n,)](logits, targets.contiguous(), loss, logits.stride(0), vocab, IGNORE_INDEX,
-                        WANT_GRAD=bool(want_grad), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        # Triton launches on the current device and its stream, so make that the logits' device.
+        with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+            _kernel()[(n,)](logits, targets.contiguous(), loss, logits.stride(0), vocab, IGNORE_INDEX,
+                            WANT_GRAD=bool(want_grad), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return loss.sum()

@@ -11,8 +11,9 @@ several times what its memory traffic needs.
 angles as ``positions[..., None] * inv_freq`` (one float32 product per angle, as the matrix product with an inner
 dimension of 1 computes it), so the angles are (batch, T, dim/2) and contiguous. Newer transformers releases
 compute it this way themselves. A module is switched only if its own forward returns bit-identical tables on
-a probe; dynamic and long-context rotary types (which change their frequencies with the sequence length) and
-modules with another signature keep their own forward.
+a probe (float32, bfloat16 and float16 inputs); dynamic and long-context rotary types (which change their
+frequencies with the sequence length), modules with parameters and modules with another signature keep their
+own forward.
 
 The tables come from one custom op (``nested_learning::rotary_tables``), which ``torch.compile`` treats as opaque:
 they are computed once per forward and read by every layer, instead of inductor inlining the cos/sin into each
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
 
 import torch
 
@@ -48,17 +50,17 @@ def _(position_ids, inv_freq, scaling):
             torch.empty(shape, dtype=torch.float32, device=position_ids.device))
 
 
-def _outer_forward(module):
-    def forward(x, position_ids):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            cos, sin = rotary_tables(position_ids, module.inv_freq, float(module.attention_scaling))
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
-
-    return forward
+def _outer_forward(self, x, position_ids):
+    """The rotary module's ``forward`` once switched (bound to the module, so copies carry their own)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        cos, sin = rotary_tables(position_ids, self.inv_freq, float(self.attention_scaling))
+    return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
 def _candidate(module) -> bool:
     if not type(module).__name__.endswith("RotaryEmbedding") or "forward" in vars(module):
+        return False
+    if any(True for _ in module.parameters()):  # learned terms (e.g. a trained scale) are not in the formula
         return False
     if not isinstance(getattr(module, "inv_freq", None), torch.Tensor) or module.inv_freq.dim() != 1:
         return False
@@ -75,13 +77,17 @@ def _candidate(module) -> bool:
 
 
 def _same_tables(module, forward) -> bool:
-    """Bit-identical (cos, sin) from the module's own forward and ``forward`` on a probe of positions."""
+    """Bit-identical (cos, sin), values and dtype, from the module's own forward and ``forward`` on a probe of
+    positions, for float32, bfloat16 and float16 inputs (some modules return float32 tables whatever the input)."""
     device = module.inv_freq.device
-    x = torch.zeros(2, 1, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     positions = torch.stack([torch.arange(64, device=device), torch.arange(1000, 1064, device=device)])
     with torch.no_grad():
-        ref, new = module(x, positions), forward(x, positions)
-    return all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(ref, new))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.zeros(2, 1, device=device, dtype=dtype)
+            ref, new = module(x, positions), forward(x, positions)
+            if not all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(ref, new)):
+                return False
+    return True
 
 
 def use_outer_rotary(model) -> int:
@@ -91,7 +97,7 @@ def use_outer_rotary(model) -> int:
     for name, module in model.named_modules():
         if not _candidate(module):
             continue
-        forward = _outer_forward(module)
+        forward = types.MethodType(_outer_forward, module)
         if not _same_tables(module, forward):
             log.info("model.outer_rotary: %s (%s) gives other tables; keeping its forward", name, type(module).__name__)
             continue

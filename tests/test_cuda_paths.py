@@ -85,6 +85,10 @@ def test_triton_loss_chunk_matches_float64(dtype, vocab):
     targets = torch.randint(0, vocab, (67,), device="cuda", generator=g)
     targets[::5] = -100
     assert ce_kernel.available(logits)
+    # Out-of-range targets (their input ids fail the embedding lookup first) read nothing and add nothing.
+    odd = logits[:2].clone()
+    assert ce_kernel.ce_chunk(odd, torch.tensor([-1, vocab], device="cuda"), True).item() == 0.0
+    assert not odd.any()
     ref = logits.double()
     ref_loss = _ce_chunk(ref, targets, True)
     got = logits.clone()

@@ -28,6 +28,21 @@ class TransposedRotaryEmbedding(torch.nn.Module):
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
+class Float32TablesRotaryEmbedding(TransposedRotaryEmbedding):
+    def forward(self, x, position_ids):  # float32 tables whatever the input dtype (as some models do)
+        return super().forward(x.float(), position_ids)
+
+
+class LearnedScaleRotaryEmbedding(TransposedRotaryEmbedding):
+    def __init__(self):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, position_ids):
+        cos, sin = super().forward(x, position_ids)
+        return cos * self.alpha.exp(), sin * self.alpha.exp()
+
+
 class ShiftedRotaryEmbedding(TransposedRotaryEmbedding):
     def forward(self, x, position_ids):  # another formula: must keep it
         return super().forward(x, position_ids + 1)
@@ -63,12 +78,27 @@ def test_transposed_product_form_is_switched_with_identical_tables():
 
 
 @pytest.mark.parametrize("module", [ShiftedRotaryEmbedding(), TransposedRotaryEmbedding(rope_type="dynamic"),
-                                    TransposedRotaryEmbedding(rope_type="longrope")])
+                                    TransposedRotaryEmbedding(rope_type="longrope"), Float32TablesRotaryEmbedding(),
+                                    LearnedScaleRotaryEmbedding()])
 def test_other_forms_keep_their_forward(module):
     holder = torch.nn.Module()
     holder.rotary_emb = module
     assert use_outer_rotary(holder) == 0
     assert "forward" not in vars(module)
+
+
+def test_a_copy_uses_its_own_frequencies():
+    import copy
+
+    holder = torch.nn.Module()
+    holder.rotary_emb = TransposedRotaryEmbedding()
+    use_outer_rotary(holder)
+    twin = copy.deepcopy(holder)
+    x, positions = torch.zeros(1), torch.arange(8)[None]
+    before = twin.rotary_emb(x, positions)[0].clone()
+    holder.rotary_emb.inv_freq.mul_(2.0)  # the original changes; the copy must not follow
+    assert torch.equal(twin.rotary_emb(x, positions)[0], before)
+    assert not torch.equal(holder.rotary_emb(x, positions)[0], before)
 
 
 def test_switch_is_on_by_default_and_leaves_training_unchanged(tmp_path, monkeypatch):
