@@ -135,6 +135,8 @@ def test_every_switch_leaves_the_training_loss_unchanged(tmp_path):
         "fused_lora": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": True}),
         "flat": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False}, optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": True}),
         "compile": dict(model={"device": "cpu", "compile": True, "fused_lora": False}),
+        "transformers_rotary": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False,
+                                           "outer_rotary": False}),
         "masked_causal": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False,
                                      "skip_causal_mask": False}),
         "all": dict(model={"device": "cpu", "loss_chunk_tokens": 16, "compile": True, "fused_lora": True},
