@@ -57,11 +57,12 @@ def main() -> None:
             block, warps = map(int, cfg.split("x"))
 
             def run(logits, t, want, block=block, warps=warps):
+                default = ce_kernel.BLOCK, ce_kernel.NUM_WARPS
                 ce_kernel.BLOCK, ce_kernel.NUM_WARPS = block, warps
                 try:
                     return ce_kernel.ce_chunk(logits, t, want)
                 finally:
-                    ce_kernel.BLOCK, ce_kernel.NUM_WARPS = 4096, 8
+                    ce_kernel.BLOCK, ce_kernel.NUM_WARPS = default
 
             variants.append((f"triton {block}x{warps}", run))
         gb = 3 * master.numel() * master.element_size() / 1e9

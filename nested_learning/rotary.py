@@ -60,7 +60,7 @@ def _outer_forward(self, x, position_ids):
 def _candidate(module) -> bool:
     if not type(module).__name__.endswith("RotaryEmbedding") or "forward" in vars(module):
         return False
-    if any(True for _ in module.parameters()):  # learned terms (e.g. a trained scale) are not in the formula
+    if next(module.parameters(), None) is not None:  # learned terms (e.g. a trained scale) are not in the formula
         return False
     if not isinstance(getattr(module, "inv_freq", None), torch.Tensor) or module.inv_freq.dim() != 1:
         return False
