@@ -1,10 +1,12 @@
-"""One decoder layer's LoRA projection groups in isolation: PEFT's per-projection path vs the grouped GEMM.
+"""One decoder layer's LoRA projection groups in isolation: PEFT's per-projection path vs the grouped GEMM
+and the folded GEMM.
 
     python bench/lora_gemm.py            # CUDA, bf16 autocast; forward + backward, median of 50 after 10
 
-For each shape, groups q/k/v and gate/up at batch x sequence tokens, LoRA r=16: (a) PEFT's three/two LoRA
-linears (eager, then ``torch.compile``), (b) ``nested_learning.fused_lora`` on the same layers (eager, compiled).
-Prints ms per forward+backward and the ratio.
+For each shape, groups q/k/v and gate/up at batch x sequence tokens, LoRA r=16: PEFT's three/two LoRA linears
+(eager, then ``torch.compile``), ``nested_learning.fused_lora`` (stacked weights, compiled) and
+``nested_learning.folded_lora`` (compiled: both groups, gate/up only, q/k/v only). Prints ms per
+forward+backward and the ratio to PEFT eager.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nested_learning.folded_lora import fold_lora_groups  # noqa: E402
 from nested_learning.fused_lora import fuse_lora_groups  # noqa: E402
 
 SHAPES = {  # hidden, q out, kv out, intermediate, tokens
@@ -61,12 +64,24 @@ def main():
         block = Block(h, q, kv, inter).cuda().to(torch.bfloat16).requires_grad_(False)
         peft = get_peft_model(block, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                    "gate_proj", "up_proj"]))
-        fused = copy.deepcopy(peft)
-        fuse_lora_groups(fused)
+        def folded(groups):
+            m = copy.deepcopy(peft)
+            fold_lora_groups(m, groups)
+            return torch.compile(m)
+
+        grouped = copy.deepcopy(peft)
+        fuse_lora_groups(grouped)
         x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         row = []
-        for label, model in (("peft", peft), ("peft_compiled", torch.compile(peft)),
-                             ("grouped", fused), ("grouped_compiled", torch.compile(fused))):
+        variants = (("peft", lambda: peft), ("peft_compiled", lambda: torch.compile(copy.deepcopy(peft))),
+                    ("grouped_compiled", lambda: torch.compile(grouped)),
+                    ("folded_compiled", lambda: folded((("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")))),
+                    ("folded_mlp", lambda: folded((("gate_proj", "up_proj"),))),
+                    ("folded_qkv", lambda: folded((("q_proj", "k_proj", "v_proj"),))))
+        for label, make in variants:
+            torch._dynamo.reset()  # each variant compiles afresh (copies of one model share code objects)
+            model = make()
+
             def step(inp, m=model):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     out = m(inp)

@@ -163,6 +163,7 @@ def unfuse_lora_groups(model) -> int:
             base = m.get_base_layer()
             with torch.no_grad():
                 base.weight.data = base.weight.data.clone()
+                base._buffers.pop("lora_fold_weight", None)  # nested_learning.folded_lora's [W | S]
                 if base.bias is not None:
                     base.bias.data = base.bias.data.clone()
             n += 1

@@ -30,6 +30,7 @@ from nested_learning.evaluate import evaluate_loss
 from nested_learning.loss import make_loss_fn
 from nested_learning.metrics import MetricsLog
 from nested_learning.rotary import use_outer_rotary
+from nested_learning.folded_lora import fold_lora_groups
 from nested_learning.fused_lora import fuse_lora_groups
 from nested_learning.model import (
     apply_kernel_choices, autocast_context, load_model, load_tokenizer, maybe_compile, resolve_device,
@@ -245,6 +246,8 @@ def run_training(
         ckpt.load_adapter_weights(model, resume_from)
     if cfg.model.fused_lora:
         fuse_lora_groups(model)
+    elif cfg.model.lora_fold:
+        fold_lora_groups(model)
     pad_id = tokenizer.pad_token_id
     probe = make_probe(model, iterate_batches(train, plan, pad_id), device, cfg.tiers.probe_steps, loss_fn)
     optimizer, scheduler, assignment, plan_text = build_optimizer(
