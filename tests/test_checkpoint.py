@@ -62,10 +62,15 @@ def test_layout_and_listing(trained):
 def test_peft_from_pretrained_reproduces_trained_logits(trained):
     from peft import PeftModel
 
+    from nested_learning.fused_lora import unfuse_lora_groups
+
     state, model, _ = trained
     model.eval()
     with torch.no_grad():
+        folded = model(input_ids=_ids()).logits
+        assert unfuse_lora_groups(model) > 0  # trained with model.lora_fold: PEFT's own path for the exact check
         expected = model(input_ids=_ids()).logits
+        torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-6)  # the fold only reorders float32 sums
         base, _ = build_embedded("embedded:micro-llama")
         loaded = PeftModel.from_pretrained(base, state.last_checkpoint).eval()
         torch.testing.assert_close(loaded(input_ids=_ids()).logits, expected, rtol=0, atol=0)

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+from nested_learning.folded_lora import fold_lora_groups
 from nested_learning.fused_lora import fuse_lora_groups
 from tests.test_fused_lora import loss_and_grads, tiny
 from tests.trainkit import micro_config, write_data
@@ -22,13 +23,15 @@ def rel_errors(grads: dict, truth: dict) -> dict:
     return {n: float((grads[n].float() - truth[n]).norm() / truth[n].norm()) for n in truth}
 
 
+@pytest.mark.parametrize("layout", [fuse_lora_groups, fold_lora_groups])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_grouped_lora_gradients(arch, compiled):
+def test_grouped_lora_gradients(arch, compiled, layout):
+    torch._dynamo.reset()  # every compiled model here shares LlamaModel.forward: keep the recompile limit for each
     truth_model = tiny(arch, dtype=torch.float32, device="cuda")
     peft_bf16 = tiny(arch, dtype=torch.bfloat16, device="cuda")
     fused = copy.deepcopy(peft_bf16)
-    fuse_lora_groups(fused)
+    assert len(layout(fused)) == 4
     if compiled:
         fused.get_base_model().model.compile()
     ids = torch.randint(0, 211, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
@@ -48,12 +51,14 @@ def test_compiled_trainer_follows_the_eager_trainer(tmp_path, caplog, capfd):
     from nested_learning.trainer import run_training
 
     data = write_data(tmp_path / "data")
+    torch._dynamo.reset()  # earlier tests' compiled models must not use up this test's recompile limit
     runs = {}
     # All pack their batches: "graphs" pads the rows to max_length (one shape, as graph replay needs), the
     # others keep varying widths (so recompiles must not run out). Padding carries no loss: same steps.
-    for name, model in {"eager": {"compile": False, "fused_lora": False},
+    for name, model in {"eager": {"compile": False, "fused_lora": False, "lora_fold": False},
                         "fast": {"compile": True, "fused_lora": True, "cuda_graphs": False},
-                        "graphs": {"compile": True, "cuda_graphs": True, "activation_memory_budget": 0.8}}.items():
+                        "graphs": {"compile": True, "cuda_graphs": True, "activation_memory_budget": 0.8,
+                                   "lora_fold": True}}.items():
         cfg = micro_config(data, tmp_path / name, model={"device": "cuda", **model}, eval={"every": 0},
                            data={"packing": True},
                            output={"dir": str(tmp_path / name), "tensorboard": False, "log_every": 1})

@@ -128,11 +128,13 @@ def _losses(tmp_path, name, **sections):
 
 
 def test_every_switch_leaves_the_training_loss_unchanged(tmp_path):
-    base, base_state = _losses(tmp_path, "base", model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False},
+    base, base_state = _losses(tmp_path, "base", model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False,
+                                                        "lora_fold": False},
                                optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": False})
     switches = {
         "chunked": dict(model={"device": "cpu", "loss_chunk_tokens": 16, "fused_lora": False}),
         "fused_lora": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": True}),
+        "lora_fold": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False, "lora_fold": True}),
         "flat": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False}, optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": True}),
         "compile": dict(model={"device": "cpu", "compile": True, "fused_lora": False}),
         "transformers_rotary": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False,

@@ -1,0 +1,183 @@
+"""Folded LoRA (``nested_learning.folded_lora``): the low-rank product inside the frozen GEMM's reduction gives
+PEFT's loss and gradients, reads the current adapter weights every call, falls back where it cannot fold, and
+compiles to one opaque op. The bf16 path on CUDA: tests/test_cuda_paths.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import nested_learning.folded_lora as fold
+from nested_learning.folded_lora import BUFFER, fold_lora_groups
+from nested_learning.fused_lora import unfuse_lora_groups
+from tests.test_fused_lora import loss_and_grads, tiny
+
+IDS = torch.randint(0, 211, (3, 17), generator=torch.Generator().manual_seed(2))
+
+
+class CountFolds:
+    """Counts folded projection calls (``lora_fold`` op calls)."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        op = fold.lora_fold
+
+        def counted(*args):
+            self.n += 1
+            return op(*args)
+
+        monkeypatch.setattr(fold, "lora_fold", counted)
+
+
+def assert_same(model, ref, rtol=1e-10):
+    l_ref, g_ref = loss_and_grads(ref, IDS)
+    l_got, g_got = loss_and_grads(model, IDS)
+    assert torch.allclose(l_got, l_ref, rtol=rtol)
+    assert g_got.keys() == g_ref.keys()
+    for name in g_ref:
+        assert torch.allclose(g_got[name], g_ref[name], rtol=rtol, atol=1e-12), name
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])  # qwen2: q/k/v carry a bias
+def test_folded_path_matches_peft(arch, monkeypatch):
+    ref = tiny(arch)
+    model = copy.deepcopy(ref)
+    groups = fold_lora_groups(model)
+    assert [g.names for g in groups] == [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")] * 2
+    calls = CountFolds(monkeypatch)
+    assert_same(model, ref)
+    assert calls.n == 10  # every grouped projection folded (q, k, v, gate, up), both layers
+    # The frozen weight is the left block of [W | S]: same storage, no copy; S holds s * B of this call.
+    up = model.get_base_model().model.layers[1].mlp.up_proj
+    buf = getattr(up.get_base_layer(), BUFFER)
+    assert up.get_base_layer().weight.data_ptr() == buf.data_ptr()
+    assert buf.shape == (96, 48 + 2 * 4)
+    expected = (up.lora_B["default"].weight * up.scaling["default"]).detach()
+    assert torch.equal(buf[:, 48 + 4 :], expected) and not buf[:, 48 : 48 + 4].any()
+
+
+def test_updated_adapter_weights_are_read_on_the_next_call():
+    ref = tiny("llama")
+    model = copy.deepcopy(ref)
+    fold_lora_groups(model)
+    loss_and_grads(model, IDS)
+    for m in (ref, model):  # what an optimizer step does: B and A change in place
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_" in name:
+                    p.mul_(1.5).add_(0.01)
+    assert_same(model, ref)
+
+
+def test_unfold_restores_peft_and_adapter_state_is_unchanged():
+    ref = tiny("qwen2")
+    model = copy.deepcopy(ref)
+    fold_lora_groups(model)
+    assert fold_lora_groups(model) == []  # idempotent
+    assert model.state_dict().keys() == ref.state_dict().keys()  # the [W | S] buffers are not saved
+    assert unfuse_lora_groups(model) == 10
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert "forward" not in vars(q) and q.get_base_layer().weight.is_contiguous()
+    assert not hasattr(q.get_base_layer(), BUFFER)
+    assert_same(model, ref)
+
+
+def test_dropout_dora_and_merged_adapters_run_peft_path(monkeypatch):
+    for model in (tiny("llama", dropout=0.1), tiny("llama", use_dora=True)):
+        ref = copy.deepcopy(model)
+        fold_lora_groups(model)
+        calls = CountFolds(monkeypatch)
+        torch.manual_seed(5)
+        l_got, g_got = loss_and_grads(model, IDS)
+        torch.manual_seed(5)
+        l_ref, g_ref = loss_and_grads(ref, IDS)
+        assert calls.n == 0 and torch.equal(l_got, l_ref)
+        assert all(torch.equal(g_got[k], g_ref[k]) for k in g_ref)
+    model = tiny("llama")
+    ref = copy.deepcopy(model)
+    fold_lora_groups(model)
+    attn = model.get_base_model().model.layers[0].self_attn
+    x = torch.randn(2, 5, 48, dtype=torch.float64)
+    ref_attn = ref.get_base_model().model.layers[0].self_attn
+    attn.q_proj.merge()  # the merged weight is written into the buffer's left block: PEFT's path, still exact
+    assert torch.allclose(attn.q_proj(x), ref_attn.q_proj(x), rtol=1e-10)
+
+
+def test_compiled_fold_is_one_op_and_matches_eager():
+    ref = tiny("qwen2", dtype=torch.float32)
+    model = copy.deepcopy(ref)
+    fold_lora_groups(model)
+    decoder = model.get_base_model().model
+    explained = torch._dynamo.explain(decoder)(input_ids=IDS)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    ops = [n.target for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.nested_learning.lora_fold.default) == 10
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    l_ref, g_ref = loss_and_grads(ref, IDS)
+    l_got = compiled(input_ids=IDS, labels=IDS).loss
+    l_got.backward()
+    g_got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert torch.allclose(l_got, l_ref, rtol=1e-5)
+    for name in g_ref:
+        assert torch.allclose(g_got[name], g_ref[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_gradient_checkpointing_recomputes_the_fold():
+    ref = tiny("llama")
+    model = copy.deepcopy(ref)
+    for m in (ref, model):
+        m.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    fold_lora_groups(model)
+    assert_same(model, ref)
+
+
+def test_gradient_checkpointing_traces_like_peft():
+    """No state is kept between member calls, so folding adds no graph break to checkpointed layers (a version
+    that handed outputs from one member call to the next added two)."""
+    breaks = {}
+    for folded in (False, True):
+        model = tiny("llama", dtype=torch.float32)
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        if folded:
+            assert len(fold_lora_groups(model)) == 4
+        torch._dynamo.reset()
+        breaks[folded] = torch._dynamo.explain(model.get_base_model().model)(input_ids=IDS).graph_break_count
+    assert breaks[True] == breaks[False], breaks
+
+
+def test_members_called_in_any_order_or_on_other_inputs_are_exact():
+    model = tiny("llama")
+    ref = copy.deepcopy(model)
+    fold_lora_groups(model)
+    attn, ref_attn = (m.get_base_model().model.layers[0].self_attn for m in (model, ref))
+    x, y = torch.randn(2, 5, 48, dtype=torch.float64), torch.randn(2, 5, 48, dtype=torch.float64)
+    for name, inp in (("v_proj", x), ("k_proj", y), ("q_proj", x)):
+        assert torch.allclose(getattr(attn, name)(inp), getattr(ref_attn, name)(inp), rtol=1e-12), name
+
+
+def test_op_registrations_agree_with_the_unfolded_formula():
+    g = torch.Generator().manual_seed(0)
+    f64 = dict(generator=g, dtype=torch.float64)
+    k, r, n = 8, 2, 3
+    x = torch.randn(10, k, **f64, requires_grad=True)
+    a = torch.randn(n * r, k, **f64, requires_grad=True)  # three members of rank 2
+    sbs = [torch.randn(o, r, **f64, requires_grad=True) for o in (5, 3, 3)]
+    # [W_i | S_i] as fold_lora_groups lays them out: other members' blocks of S_i stay zero.
+    wps = [torch.cat([torch.randn(o, k, **f64), torch.zeros(o, n * r, dtype=torch.float64)], 1) for o in (5, 3, 3)]
+    xp = fold._FoldInput.apply(x, a)
+    # The schema check is left out on purpose: the op writes S_i into its own buffer without declaring it
+    # (an idempotent write of the values the call uses; see lora_fold's docstring).
+    torch.library.opcheck(fold.lora_fold, (xp.detach().requires_grad_(), sbs[1], wps[1], None, k + r),
+                          test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
+    ys = [fold.lora_fold(xp, sb, wp, None, k + i * r) for i, (sb, wp) in enumerate(zip(sbs, wps))]
+    loss = sum((y * (i + 1)).sum() for i, y in enumerate(ys))
+    got = torch.autograd.grad(loss, [x, a, *sbs])
+    ref_ys = [x @ w[:, :k].t() + (x @ a[r * i : r * (i + 1)].t()) @ sb.t() for i, (w, sb) in enumerate(zip(wps, sbs))]
+    want = torch.autograd.grad(sum((y * (i + 1)).sum() for i, y in enumerate(ref_ys)), [x, a, *sbs])
+    assert all(torch.allclose(y, ref) for y, ref in zip(ys, ref_ys))
+    assert all(torch.allclose(g1, g2) for g1, g2 in zip(got, want))
