@@ -90,8 +90,9 @@ class ModelConfig(_Section):
         True, description="Fold the low-rank product of LoRA projections that share an input (q/k/v, gate/up) into "
         "the frozen GEMM's reduction, `[x | xA] @ [W | sB]^T`, so no full-size low-rank output is written and read "
         "again (`nested_learning/folded_lora.py`). Same math, the low-rank term summed in the GEMM's float32 "
-        "accumulator. Applies when LoRA dropout is 0, DoRA is off and `fused_lora` is off; otherwise PEFT's own "
-        "path runs. H200, Llama-1B 8x2048: 203.7 -> 193.8 ms per step (docs/benchmarks.md).",
+        "accumulator. Applies when LoRA dropout is 0, DoRA is off and `fused_lora` and `gradient_checkpointing` are "
+        "off (checkpointed layers cannot trace it whole under torch.compile: Llama-8B 917.6 ms vs 666.6 ms); "
+        "otherwise PEFT's own path runs. H200, Llama-1B 8x2048: 203.7 -> 186.5 ms per step (docs/benchmarks.md).",
     )
     loss_chunk_tokens: int = Field(
         2048, ge=0, description="Compute the head and cross-entropy over chunks of this many tokens, so the full "

@@ -10,29 +10,24 @@ for the n projections that read the same ``x``, the low-rank term costs r extra 
 backward ``dy_i @ [W_i | S_i]`` yields the input gradient and ``dy @ B`` from one GEMM. ``[W_i | S_i]`` is a
 persistent buffer whose left block *is* the frozen weight (the base layer's ``weight`` becomes a view into it,
 no extra memory); each call writes the current ``s_i * B_i`` into its block before the GEMM, so a stale block
-cannot be read. That GEMM is an op opaque to ``torch.compile`` (``nested_learning::lora_fold``), so the block
-write stays an in-place write of a few KiB instead of a functional copy of the weight.
-
-Each member computes from its own input and caches nothing, so results never depend on the model's call order
-and the forward has no side effects (gradient checkpointing traces and replays it under ``torch.compile``);
-compiled, the siblings' identical ``[x | x A_cat^T]`` is computed once.
+cannot be read. The op is opaque to ``torch.compile`` (``nested_learning::lora_fold``) so the block write stays
+an in-place write of a few KiB instead of a functional copy of the weight.
 
 Gradients go to PEFT's own ``lora_A`` / ``lora_B`` parameters through the cast and scale that feed the op, so
 checkpoints, the optimizer and ``save_pretrained`` see nothing new. The math is PEFT's up to where rounding
 happens: the low-rank term is summed in the GEMM's float32 accumulator, not rounded to bf16 on its own first.
-Calls that cannot fold (merged, adapters off, dropout, DoRA, several adapters, a trainable bias,
-extra arguments) run PEFT's forward.
+Calls that cannot fold (merged, adapters off, dropout, DoRA, several adapters, a trainable bias, another
+input) run PEFT's forward, as in :mod:`nested_learning.fused_lora`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from nested_learning.fused_lora import GROUPS, _lora_linear_children
+from nested_learning.fused_lora import GROUPS, LoraGroup, _lora_linear_children
 
 __all__ = ["FoldedGroup", "fold_lora_groups"]
 
@@ -40,116 +35,97 @@ log = logging.getLogger("nested_learning.folded_lora")
 BUFFER = "lora_fold_weight"  # non-persistent buffer on each member's base layer: [W | S]
 
 
-class _FoldInput(torch.autograd.Function):
-    """``xp = [x | x a^T]``, keeping only ``xp`` for backward (its left block is ``x``). Plain ops, so under
-    ``torch.compile`` the input gradient's add lands in the next kernel."""
-
-    @staticmethod
-    def forward(ctx, x, a):
-        xp = torch.cat([x, x @ a.t()], 1)
-        ctx.save_for_backward(xp, a)
-        return xp
-
-    @staticmethod
-    def backward(ctx, dxp):
-        xp, a = ctx.saved_tensors
-        k = a.shape[1]
-        dxa = dxp[:, k:]
-        return dxp[:, :k] + dxa @ a, dxa.t() @ xp[:, :k]
-
-
 @torch.library.custom_op("nested_learning::lora_fold", mutates_args=())
-def lora_fold(xp: torch.Tensor, sb: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None,
-              start: int) -> torch.Tensor:
-    """``xp @ wp^T (+ bias)`` after writing ``sb`` into ``wp[:, start : start + r]``.
+def lora_fold(x: torch.Tensor, a: torch.Tensor, sbs: list[torch.Tensor], wps: list[torch.Tensor],
+              biases: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[xp, y_1 .. y_n]: ``xp = [x | x a^T]`` (kept for backward) and each member's output.
 
-    Declared without mutations on purpose: the write is idempotent (it stores the values this very call uses,
-    and nothing else reads that block), so no reordering can observe it, and ``torch.compile`` keeps it a
-    few-KiB in-place write instead of a functional copy of the whole weight."""
+    Declared without mutations on purpose: the write of ``sbs[i]`` into block i of ``wps[i]`` is idempotent
+    (it always stores the values this call uses), so no ordering with other ops can observe it."""
+    k, r = x.shape[1], a.shape[0] // len(wps)
     with torch.no_grad():
-        wp[:, start : start + sb.shape[1]].copy_(sb)
-    return F.linear(xp, wp, bias)
+        for i, (sb, wp) in enumerate(zip(sbs, wps)):
+            wp[:, k + i * r : k + (i + 1) * r].copy_(sb)
+    xp = torch.cat([x, x @ a.t()], 1)
+    ys = [F.linear(xp, wp, biases[i] if biases else None) for i, wp in enumerate(wps)]
+    return [xp, *ys]
 
 
 @lora_fold.register_fake
-def _(xp, sb, wp, bias, start):
-    return xp.new_empty(xp.shape[0], wp.shape[0])
+def _(x, a, sbs, wps, biases):
+    return [x.new_empty(x.shape[0], x.shape[1] + a.shape[0])] + [x.new_empty(x.shape[0], w.shape[0]) for w in wps]
 
 
 @torch.library.custom_op("nested_learning::lora_fold_backward", mutates_args=())
-def lora_fold_backward(dy: torch.Tensor, xp: torch.Tensor, wp: torch.Tensor, start: int,
-                       rank: int) -> list[torch.Tensor]:
-    """``[dy @ wp, dy^T @ xp[:, start : start + rank]]``: one GEMM gives the frozen path's input gradient and
-    the bottleneck's (``dy @ s B``) together; the second is the rank-r gradient of ``s B``."""
-    return [dy @ wp, dy.t() @ xp[:, start : start + rank]]
+def lora_fold_backward(dys: list[torch.Tensor], xp: torch.Tensor, a: torch.Tensor,
+                       wps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[d, e, da, dsb_1 .. dsb_n] for :func:`lora_fold`. ``d = sum_i dy_i @ [W_i | S_i]`` is one (M, K + n*r)
+    GEMM chain: its left block is the frozen path's input gradient, its right block the bottleneck's gradient
+    ``dxa``; ``e = dxa @ a`` is the low-rank path's input gradient. The caller adds ``d[:, :K] + e`` as a plain
+    op, so under ``torch.compile`` the add lands in the next kernel instead of a strided copy here."""
+    k, r = a.shape[1], a.shape[0] // len(wps)
+    d = dys[0] @ wps[0]
+    for dy, wp in zip(dys[1:], wps[1:]):
+        d.addmm_(dy, wp)
+    dxa = d[:, k:]
+    e = dxa @ a
+    da = dxa.t() @ xp[:, :k]
+    dsbs = [dy.t() @ xp[:, k + i * r : k + (i + 1) * r] for i, dy in enumerate(dys)]
+    return [d, e, da, *dsbs]
 
 
 @lora_fold_backward.register_fake
-def _(dy, xp, wp, start, rank):
-    return [dy.new_empty(dy.shape[0], wp.shape[1]), dy.new_empty(dy.shape[1], rank)]
+def _(dys, xp, a, wps):
+    m, k = xp.shape[0], a.shape[1]
+    r = a.shape[0] // len(wps)
+    return [xp.new_empty(xp.shape), xp.new_empty(m, k), a.new_empty(a.shape)] + [xp.new_empty(w.shape[0], r) for w in wps]
 
 
 def _setup(ctx, inputs, output):
-    xp, sb, wp, bias, start = inputs
-    ctx.save_for_backward(xp, wp)
-    ctx.start, ctx.rank = start, sb.shape[1]
+    x, a, sbs, wps, biases = inputs
+    ctx.save_for_backward(output[0], a, *wps)
+    ctx.n_bias = len(biases)
 
 
-def _backward(ctx, dy):
-    xp, wp = ctx.saved_tensors
-    dxp, dsb = lora_fold_backward(dy, xp, wp, ctx.start, ctx.rank)
-    return dxp, dsb, None, None, None
+def _backward(ctx, grads):
+    xp, a, *wps = ctx.saved_tensors
+    dys = [g if g is not None else xp.new_zeros(xp.shape[0], w.shape[0]) for g, w in zip(grads[1:], wps)]
+    d, e, da, *dsbs = lora_fold_backward(dys, xp, a, wps)
+    return d[:, : a.shape[1]] + e, da, dsbs, [None] * len(wps), [None] * ctx.n_bias
 
 
 lora_fold.register_autograd(_backward, setup_context=_setup)
 
 
-@dataclass(eq=False)
-class FoldedGroup:
-    """Sibling LoRA projections that read one input, each holding a ``[W_i | S_i]`` buffer."""
-
-    names: tuple[str, ...]
-    members: list  # peft.tuners.lora.layer.Linear
-    rank: int
+class FoldedGroup(LoraGroup):
+    """A :class:`LoraGroup` whose members each hold a ``[W | S]`` buffer (``weight`` is ``(out, K + n*r)``
+    here only through the buffers; ``self.weight`` is unused)."""
 
     def fusable(self) -> bool:
-        for m in self.members:
-            active = m.active_adapters
-            if m.merged or m.disable_adapters or len(active) != 1:
-                return False
-            name = active[0]
-            if name not in m.lora_A or name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name):
-                return False
-            if not isinstance(m.lora_dropout[name], torch.nn.Identity) or m.lora_A[name].weight.shape[0] != self.rank:
-                return False
-            bias = m.get_base_layer().bias
-            if bias is not None and bias.requires_grad:
-                return False
-        return True
+        if not super().fusable():
+            return False
+        rank = {m.lora_A[m.active_adapters[0]].weight.shape[0] for m in self.members}
+        if len(rank) != 1 or rank.pop() * len(self.members) != self.span:
+            return False  # ranks changed since folding (e.g. another adapter became active)
+        return not any(b is not None and b.requires_grad for b in self._biases())
 
-    def member_forward(self, index: int, original):
-        """Member ``index``'s forward: ``y = lora_fold([x | x A_cat^T], s B, [W | S])``. Each member builds
-        ``xp`` from its own input, so any call order is right; under ``torch.compile`` the siblings' identical
-        ``xp`` computations are one (common-subexpression elimination), and nothing is cached between calls, so
-        the forward has no side effects (gradient checkpointing can trace and replay it)."""
-        member = self.members[index]
-        start = member.in_features + index * self.rank
+    @property
+    def span(self) -> int:
+        return getattr(self.members[0].get_base_layer(), BUFFER).shape[1] - self.members[0].in_features
 
-        def forward(x, *args, **kwargs):
-            if args or kwargs or not self.fusable():
-                return original(x, *args, **kwargs)
-            base = member.get_base_layer()
-            wp = getattr(base, BUFFER)
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else wp.dtype
-            a = torch.cat([m.lora_A[m.active_adapters[0]].weight for m in self.members], 0).to(dtype)
-            name = member.active_adapters[0]
-            sb = (member.lora_B[name].weight * member.scaling[name]).to(dtype)
-            bias = None if base.bias is None else base.bias.to(dtype)
-            xp = _FoldInput.apply(x.reshape(-1, x.shape[-1]).to(dtype), a)
-            y = lora_fold(xp, sb, wp, bias, start)
-            return y.view(*x.shape[:-1], y.shape[-1])
+    def _biases(self):
+        return [m.get_base_layer().bias for m in self.members]
 
-        return forward
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        names = [m.active_adapters[0] for m in self.members]
+        wps = [getattr(m.get_base_layer(), BUFFER) for m in self.members]
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else wps[0].dtype
+        a = torch.cat([m.lora_A[n].weight for m, n in zip(self.members, names)], 0).to(dtype)
+        sbs = [(m.lora_B[n].weight * m.scaling[n]).to(dtype) for m, n in zip(self.members, names)]
+        biases = [b.to(dtype) for b in self._biases()] if self.bias is not None else []
+        lead = x.shape[:-1]
+        _, *ys = lora_fold(x.reshape(-1, x.shape[-1]).to(dtype), a, sbs, wps, biases)
+        return tuple(y.view(*lead, y.shape[-1]) for y in ys)
 
 
 def fold_lora_groups(model, groups: tuple[tuple[str, ...], ...] = GROUPS) -> list[FoldedGroup]:
@@ -174,7 +150,8 @@ def fold_lora_groups(model, groups: tuple[tuple[str, ...], ...] = GROUPS) -> lis
                     buf[:, : w.shape[1]].copy_(w)
                 b.weight.data = buf[:, : w.shape[1]]  # the frozen weight is the buffer's left block
                 b.register_buffer(BUFFER, buf, persistent=False)
-            group = FoldedGroup(names, members, span // len(members))
+            bias = bases[0].bias
+            group = FoldedGroup(names, members, bases[0].weight, bias, [b.out_features for b in bases])
             for i, m in enumerate(members):
                 m.forward = group.member_forward(i, type(m).forward.__get__(m))
             folded.append(group)

@@ -246,6 +246,8 @@ def run_training(
         ckpt.load_adapter_weights(model, resume_from)
     if cfg.model.fused_lora:
         fuse_lora_groups(model)
+    elif cfg.model.lora_fold and cfg.model.gradient_checkpointing:
+        log.info("model.lora_fold: off under model.gradient_checkpointing (PEFT's path; see the option's help)")
     elif cfg.model.lora_fold:
         fold_lora_groups(model)
     pad_id = tokenizer.pad_token_id

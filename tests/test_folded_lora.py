@@ -18,17 +18,17 @@ IDS = torch.randint(0, 211, (3, 17), generator=torch.Generator().manual_seed(2))
 
 
 class CountFolds:
-    """Counts folded projection calls (``lora_fold`` op calls)."""
+    """Counts folded group computations (``FoldedGroup.run`` calls)."""
 
     def __init__(self, monkeypatch):
         self.n = 0
-        op = fold.lora_fold
+        run = fold.FoldedGroup.run
 
-        def counted(*args):
+        def counted(group, x):
             self.n += 1
-            return op(*args)
+            return run(group, x)
 
-        monkeypatch.setattr(fold, "lora_fold", counted)
+        monkeypatch.setattr(fold.FoldedGroup, "run", counted)
 
 
 def assert_same(model, ref, rtol=1e-10):
@@ -48,7 +48,7 @@ def test_folded_path_matches_peft(arch, monkeypatch):
     assert [g.names for g in groups] == [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")] * 2
     calls = CountFolds(monkeypatch)
     assert_same(model, ref)
-    assert calls.n == 10  # every grouped projection folded (q, k, v, gate, up), both layers
+    assert calls.n == 4  # one call per group (q/k/v, gate/up), both layers
     # The frozen weight is the left block of [W | S]: same storage, no copy; S holds s * B of this call.
     up = model.get_base_model().model.layers[1].mlp.up_proj
     buf = getattr(up.get_base_layer(), BUFFER)
@@ -105,20 +105,29 @@ def test_dropout_dora_and_merged_adapters_run_peft_path(monkeypatch):
     assert torch.allclose(attn.q_proj(x), ref_attn.q_proj(x), rtol=1e-10)
 
 
-def test_compiled_fold_is_one_op_and_matches_eager():
+def test_compiled_fold_is_one_op_per_group_and_matches_eager():
+    from torch.profiler import profile
+
     ref = tiny("qwen2", dtype=torch.float32)
     model = copy.deepcopy(ref)
     fold_lora_groups(model)
     decoder = model.get_base_model().model
+    torch._dynamo.reset()
     explained = torch._dynamo.explain(decoder)(input_ids=IDS)
     assert explained.graph_break_count == 0, explained.break_reasons
     ops = [n.target for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert ops.count(torch.ops.nested_learning.lora_fold.default) == 10
+    assert ops.count(torch.ops.nested_learning.lora_fold.default) == 4  # one op per group
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
     l_ref, g_ref = loss_and_grads(ref, IDS)
-    l_got = compiled(input_ids=IDS, labels=IDS).loss
-    l_got.backward()
+    compiled(input_ids=IDS, labels=IDS).loss.backward()  # compiles; the profiled run below replays
+    model.zero_grad(set_to_none=True)
+    with profile() as prof:
+        l_got = compiled(input_ids=IDS, labels=IDS).loss
+        l_got.backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("nested_learning::lora_fold") == 4, names.count("nested_learning::lora_fold")
+    assert names.count("nested_learning::lora_fold_backward") == 4
     g_got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert torch.allclose(l_got, l_ref, rtol=1e-5)
     for name in g_ref:
@@ -133,21 +142,6 @@ def test_gradient_checkpointing_recomputes_the_fold():
         m.train()
     fold_lora_groups(model)
     assert_same(model, ref)
-
-
-def test_gradient_checkpointing_traces_like_peft():
-    """No state is kept between member calls, so folding adds no graph break to checkpointed layers (a version
-    that handed outputs from one member call to the next added two)."""
-    breaks = {}
-    for folded in (False, True):
-        model = tiny("llama", dtype=torch.float32)
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        if folded:
-            assert len(fold_lora_groups(model)) == 4
-        torch._dynamo.reset()
-        breaks[folded] = torch._dynamo.explain(model.get_base_model().model)(input_ids=IDS).graph_break_count
-    assert breaks[True] == breaks[False], breaks
 
 
 def test_members_called_in_any_order_or_on_other_inputs_are_exact():
@@ -169,15 +163,35 @@ def test_op_registrations_agree_with_the_unfolded_formula():
     sbs = [torch.randn(o, r, **f64, requires_grad=True) for o in (5, 3, 3)]
     # [W_i | S_i] as fold_lora_groups lays them out: other members' blocks of S_i stay zero.
     wps = [torch.cat([torch.randn(o, k, **f64), torch.zeros(o, n * r, dtype=torch.float64)], 1) for o in (5, 3, 3)]
-    xp = fold._FoldInput.apply(x, a)
+    biases = [torch.randn(o, **f64) for o in (5, 3, 3)]
     # The schema check is left out on purpose: the op writes S_i into its own buffer without declaring it
     # (an idempotent write of the values the call uses; see lora_fold's docstring).
-    torch.library.opcheck(fold.lora_fold, (xp.detach().requires_grad_(), sbs[1], wps[1], None, k + r),
+    torch.library.opcheck(fold.lora_fold, (x, a, sbs, wps, biases),
                           test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
-    ys = [fold.lora_fold(xp, sb, wp, None, k + i * r) for i, (sb, wp) in enumerate(zip(sbs, wps))]
-    loss = sum((y * (i + 1)).sum() for i, y in enumerate(ys))
-    got = torch.autograd.grad(loss, [x, a, *sbs])
-    ref_ys = [x @ w[:, :k].t() + (x @ a[r * i : r * (i + 1)].t()) @ sb.t() for i, (w, sb) in enumerate(zip(wps, sbs))]
-    want = torch.autograd.grad(sum((y * (i + 1)).sum() for i, y in enumerate(ref_ys)), [x, a, *sbs])
+    _, *ys = fold.lora_fold(x, a, sbs, wps, biases)
+    weights = [torch.randn(y.shape, **f64) for y in ys]
+    got = torch.autograd.grad(sum((y * w).sum() for y, w in zip(ys, weights)), [x, a, *sbs])
+    ref_ys = [x @ w[:, :k].t() + b + (x @ a[r * i : r * (i + 1)].t()) @ sb.t()
+              for i, (w, sb, b) in enumerate(zip(wps, sbs, biases))]
+    want = torch.autograd.grad(sum((y * w).sum() for y, w in zip(ref_ys, weights)), [x, a, *sbs])
     assert all(torch.allclose(y, ref) for y, ref in zip(ys, ref_ys))
     assert all(torch.allclose(g1, g2) for g1, g2 in zip(got, want))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trainer_folds_by_default_but_not_under_gradient_checkpointing(tmp_path, checkpointing):
+    from nested_learning.loss import token_loss_sum
+    from nested_learning.trainer import run_training
+    from tests.trainkit import micro_config, write_data
+
+    seen = {}
+
+    def capture(model, batch):
+        seen["model"] = model
+        return token_loss_sum(model, batch)
+
+    cfg = micro_config(write_data(tmp_path / "data"), tmp_path / "out", schedule={"steps": 2, "warmup_steps": 0},
+                       eval={"every": 0}, model={"device": "cpu", "gradient_checkpointing": checkpointing})
+    run_training(cfg, loss_fn=capture)
+    up = seen["model"].get_base_model().model.layers[0].mlp.up_proj
+    assert hasattr(up.get_base_layer(), BUFFER) is not checkpointing
