@@ -64,7 +64,7 @@ def main():
         block = Block(h, q, kv, inter).cuda().to(torch.bfloat16).requires_grad_(False)
         peft = get_peft_model(block, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                    "gate_proj", "up_proj"]))
-        def folded(groups):
+        def folded(groups, peft=peft):
             m = copy.deepcopy(peft)
             fold_lora_groups(m, groups)
             return torch.compile(m)
@@ -73,8 +73,8 @@ def main():
         fuse_lora_groups(grouped)
         x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         row = []
-        variants = (("peft", lambda: peft), ("peft_compiled", lambda: torch.compile(copy.deepcopy(peft))),
-                    ("grouped_compiled", lambda: torch.compile(grouped)),
+        variants = (("peft", lambda p=peft: p), ("peft_compiled", lambda p=peft: torch.compile(copy.deepcopy(p))),
+                    ("grouped_compiled", lambda g=grouped: torch.compile(g)),
                     ("folded_compiled", lambda: folded((("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")))),
                     ("folded_mlp", lambda: folded((("gate_proj", "up_proj"),))),
                     ("folded_qkv", lambda: folded((("q_proj", "k_proj", "v_proj"),))))

@@ -109,7 +109,7 @@ class StepProfiler:
                 o = min(b, ev.time_range.end) - max(a, ev.time_range.start)
                 if o > 0:
                     overlap[ev.name] += o
-        lines = ["", f"host ranges overlapping the largest gap of each step (us per step, nested ranges all count)"]
+        lines = ["", "host ranges overlapping the largest gap of each step (us per step, nested ranges all count)"]
         for name, o in sorted(overlap.items(), key=lambda kv: -kv[1])[:top]:
             lines.append(f"{o / len(self.largest_gaps):8.0f}  {name[:120]}")
         return lines

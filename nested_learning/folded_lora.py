@@ -17,21 +17,20 @@ Gradients go to PEFT's own ``lora_A`` / ``lora_B`` parameters through the cast a
 checkpoints, the optimizer and ``save_pretrained`` see nothing new. The math is PEFT's up to where rounding
 happens: the low-rank term is summed in the GEMM's float32 accumulator, not rounded to bf16 on its own first.
 Calls that cannot fold (merged, adapters off, dropout, DoRA, several adapters, a trainable bias, another
-input) run PEFT's forward, as in :mod:`nested_learning.fused_lora`.
+input) run PEFT's forward, as in :mod:`nested_learning.fused_lora`, whose hand-off of the group's outputs from the
+first member's call to its siblings this module shares. That hand-off is state kept between calls, which
+``torch.compile`` cannot trace inside a gradient-checkpointed layer, so the trainer does not fold there.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-from nested_learning.fused_lora import GROUPS, LoraGroup, _lora_linear_children
+from nested_learning.fused_lora import GROUPS, LoraGroup, log_groups, unfused_groups
 
 __all__ = ["FoldedGroup", "fold_lora_groups"]
 
-log = logging.getLogger("nested_learning.folded_lora")
 BUFFER = "lora_fold_weight"  # non-persistent buffer on each member's base layer: [W | S]
 
 
@@ -82,7 +81,7 @@ def _(dys, xp, a, wps):
 
 
 def _setup(ctx, inputs, output):
-    x, a, sbs, wps, biases = inputs
+    _, a, _, wps, biases = inputs
     ctx.save_for_backward(output[0], a, *wps)
     ctx.n_bias = len(biases)
 
@@ -133,28 +132,20 @@ def fold_lora_groups(model, groups: tuple[tuple[str, ...], ...] = GROUPS) -> lis
 
     Idempotent; :func:`nested_learning.fused_lora.unfuse_lora_groups` restores PEFT's forwards and weights."""
     folded = []
-    for parent in model.modules():
-        for names in groups:
-            members = _lora_linear_children(parent, names)
-            if members is None or any("forward" in vars(m) for m in members):
-                continue
-            ranks = {m.lora_A[m.active_adapters[0]].weight.shape[0] for m in members}
-            if len(ranks) != 1:
-                continue
-            span = ranks.pop() * len(members)
-            bases = [m.get_base_layer() for m in members]
-            for b in bases:
-                w = b.weight
-                buf = torch.zeros(w.shape[0], w.shape[1] + span, dtype=w.dtype, device=w.device)
-                with torch.no_grad():
-                    buf[:, : w.shape[1]].copy_(w)
-                b.weight.data = buf[:, : w.shape[1]]  # the frozen weight is the buffer's left block
-                b.register_buffer(BUFFER, buf, persistent=False)
-            bias = bases[0].bias
-            group = FoldedGroup(names, members, bases[0].weight, bias, [b.out_features for b in bases])
-            for i, m in enumerate(members):
-                m.forward = group.member_forward(i, type(m).forward.__get__(m))
-            folded.append(group)
-    if folded:
-        log.info("folded LoRA groups: %d (%s)", len(folded), ", ".join(sorted({"+".join(g.names) for g in folded})))
+    for names, members in list(unfused_groups(model, groups)):
+        ranks = {m.lora_A[m.active_adapters[0]].weight.shape[0] for m in members}
+        if len(ranks) != 1:
+            continue
+        span = ranks.pop() * len(members)
+        bases = [m.get_base_layer() for m in members]
+        for b in bases:
+            w = b.weight
+            buf = torch.zeros(w.shape[0], w.shape[1] + span, dtype=w.dtype, device=w.device)
+            with torch.no_grad():
+                buf[:, : w.shape[1]].copy_(w)
+            b.weight.data = buf[:, : w.shape[1]]  # the frozen weight is the buffer's left block
+            b.register_buffer(BUFFER, buf, persistent=False)
+        sizes = [b.out_features for b in bases]
+        folded.append(FoldedGroup(names, members, bases[0].weight, bases[0].bias, sizes).install())
+    log_groups("folded", folded)
     return folded

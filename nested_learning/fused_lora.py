@@ -80,6 +80,12 @@ class LoraGroup:
         y = torch.addmm(y, F.linear(x2, a), b.t())
         return y.view(*lead, y.shape[-1]).split(self.sizes, dim=-1)
 
+    def install(self) -> LoraGroup:
+        """Give each member the group's forward (PEFT's own stays the fallback)."""
+        for i, m in enumerate(self.members):
+            m.forward = self.member_forward(i, type(m).forward.__get__(m))
+        return self
+
     def member_forward(self, index: int, original):
         last = len(self.members) - 1
 
@@ -123,35 +129,41 @@ def _lora_linear_children(parent, names):
     return found
 
 
+def unfused_groups(model, groups: tuple[tuple[str, ...], ...] = GROUPS):
+    """Yield ``(names, members)`` for each group of sibling LoRA linears in ``model`` not yet fused or folded."""
+    for parent in model.modules():
+        for names in groups:
+            members = _lora_linear_children(parent, names)
+            if members is not None and not any("forward" in vars(m) for m in members):
+                yield names, members
+
+
 def fuse_lora_groups(model, groups: tuple[tuple[str, ...], ...] = GROUPS) -> list[LoraGroup]:
     """Fuse every group of sibling LoRA projections found in ``model`` (a PEFT model); returns the groups.
 
     Idempotent: already fused modules are skipped. ``unfuse_lora_groups`` restores PEFT's forwards.
     """
     fused = []
-    for parent in model.modules():
-        for names in groups:
-            members = _lora_linear_children(parent, names)
-            if members is None or any("forward" in vars(m) for m in members):
-                continue
-            bases = [m.get_base_layer() for m in members]
-            with torch.no_grad():
-                weight = torch.cat([b.weight for b in bases], 0)
-                bias = None if bases[0].bias is None else torch.cat([b.bias for b in bases], 0)
-                start = 0
-                for b in bases:  # the members' frozen weights become views of the stacked copy
-                    n = b.out_features
-                    b.weight.data = weight[start : start + n]
-                    if bias is not None:
-                        b.bias.data = bias[start : start + n]
-                    start += n
-            group = LoraGroup(names, members, weight, bias, [b.out_features for b in bases])
-            for i, m in enumerate(members):
-                m.forward = group.member_forward(i, type(m).forward.__get__(m))
-            fused.append(group)
-    if fused:
-        log.info("fused LoRA groups: %d (%s)", len(fused), ", ".join(sorted({"+".join(g.names) for g in fused})))
+    for names, members in list(unfused_groups(model, groups)):
+        bases = [m.get_base_layer() for m in members]
+        with torch.no_grad():
+            weight = torch.cat([b.weight for b in bases], 0)
+            bias = None if bases[0].bias is None else torch.cat([b.bias for b in bases], 0)
+            start = 0
+            for b in bases:  # the members' frozen weights become views of the stacked copy
+                n = b.out_features
+                b.weight.data = weight[start : start + n]
+                if bias is not None:
+                    b.bias.data = bias[start : start + n]
+                start += n
+        fused.append(LoraGroup(names, members, weight, bias, [b.out_features for b in bases]).install())
+    log_groups("fused", fused)
     return fused
+
+
+def log_groups(verb: str, groups: list) -> None:
+    if groups:
+        log.info("%s LoRA groups: %d (%s)", verb, len(groups), ", ".join(sorted({"+".join(g.names) for g in groups})))
 
 
 def unfuse_lora_groups(model) -> int:

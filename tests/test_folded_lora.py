@@ -12,23 +12,13 @@ import torch
 import nested_learning.folded_lora as fold
 from nested_learning.folded_lora import BUFFER, fold_lora_groups
 from nested_learning.fused_lora import unfuse_lora_groups
-from tests.test_fused_lora import loss_and_grads, tiny
+from tests.test_fused_lora import CountCalls, loss_and_grads, tiny
 
 IDS = torch.randint(0, 211, (3, 17), generator=torch.Generator().manual_seed(2))
 
 
-class CountFolds:
-    """Counts folded group computations (``FoldedGroup.run`` calls)."""
-
-    def __init__(self, monkeypatch):
-        self.n = 0
-        run = fold.FoldedGroup.run
-
-        def counted(group, x):
-            self.n += 1
-            return run(group, x)
-
-        monkeypatch.setattr(fold.FoldedGroup, "run", counted)
+def CountFolds(monkeypatch):
+    return CountCalls(monkeypatch, fold.FoldedGroup)
 
 
 def assert_same(model, ref, rtol=1e-10):
@@ -164,7 +154,7 @@ def test_members_called_in_any_order_or_on_other_inputs_are_exact():
 
 def test_op_registrations_agree_with_the_unfolded_formula():
     g = torch.Generator().manual_seed(0)
-    f64 = dict(generator=g, dtype=torch.float64)
+    f64 = {"generator": g, "dtype": torch.float64}
     k, r, n = 8, 2, 3
     x = torch.randn(10, k, **f64, requires_grad=True)
     a = torch.randn(n * r, k, **f64, requires_grad=True)  # three members of rank 2

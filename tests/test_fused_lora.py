@@ -37,17 +37,17 @@ def loss_and_grads(model, ids):
 
 
 class CountCalls:
-    """Counts grouped computations (``LoraGroup.run`` calls)."""
+    """Counts grouped computations (``run`` calls of ``group_class``, ``LoraGroup`` or a subclass)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, group_class=fl.LoraGroup):
         self.n = 0
-        run = fl.LoraGroup.run
+        run = group_class.run
 
         def counted(group, x):
             self.n += 1
             return run(group, x)
 
-        monkeypatch.setattr(fl.LoraGroup, "run", counted)
+        monkeypatch.setattr(group_class, "run", counted)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])  # qwen2: q/k/v carry a bias
