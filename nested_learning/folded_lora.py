@@ -42,8 +42,10 @@ def lora_fold(x: torch.Tensor, a: torch.Tensor, sbs: list[torch.Tensor], wps: li
     Declared without mutations on purpose: the write of ``sbs[i]`` into block i of ``wps[i]`` is idempotent
     (it always stores the values this call uses), so no ordering with other ops can observe it."""
     k, r = x.shape[1], a.shape[0] // len(wps)
-    with torch.no_grad():
-        for i, (sb, wp) in enumerate(zip(sbs, wps)):
+    for i, (sb, wp) in enumerate(zip(sbs, wps)):
+        # Same values for every call between two adapter updates, so a forward that runs before an earlier
+        # forward's backward (an eval pass, two losses summed) does not invalidate what that backward reads.
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(wp):
             wp[:, k + i * r : k + (i + 1) * r].copy_(sb)
     xp = torch.cat([x, x @ a.t()], 1)
     ys = [F.linear(xp, wp, biases[i] if biases else None) for i, wp in enumerate(wps)]
@@ -104,9 +106,23 @@ class FoldedGroup(LoraGroup):
         if not super().fusable():
             return False
         rank = {m.lora_A[m.active_adapters[0]].weight.shape[0] for m in self.members}
-        if len(rank) != 1 or rank.pop() * len(self.members) != self.span:
-            return False  # ranks changed since folding (e.g. another adapter became active)
-        return not any(b is not None and b.requires_grad for b in self._biases())
+        return len(rank) == 1 and rank.pop() * len(self.members) == self.span  # ranks as when folded
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        """The buffers hold the compute dtype (a float32 model under bf16 autocast runs PEFT's path), and,
+        eager, each frozen weight is still the left block of its buffer: ``.to()`` or a safe merge give the
+        weight new storage, which is then copied back into the buffer and the weight made a view again."""
+        wps = [getattr(m.get_base_layer(), BUFFER) for m in self.members]
+        if any(wp.dtype != _compute_dtype(x, wp) or wp.device != x.device for wp in wps):
+            return False
+        if not torch.compiler.is_compiling():
+            for m, wp in zip(self.members, wps):
+                base = m.get_base_layer()
+                if base.weight.data_ptr() != wp.data_ptr() or base.weight.stride() != wp.stride():
+                    with torch.no_grad():
+                        wp[:, : base.in_features].copy_(base.weight)
+                    base.weight.data = wp[:, : base.in_features]
+        return True
 
     @property
     def span(self) -> int:
@@ -118,7 +134,7 @@ class FoldedGroup(LoraGroup):
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         names = [m.active_adapters[0] for m in self.members]
         wps = [getattr(m.get_base_layer(), BUFFER) for m in self.members]
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else wps[0].dtype
+        dtype = _compute_dtype(x, wps[0])
         a = torch.cat([m.lora_A[n].weight for m, n in zip(self.members, names)], 0).to(dtype)
         sbs = [(m.lora_B[n].weight * m.scaling[n]).to(dtype) for m, n in zip(self.members, names)]
         biases = [b.to(dtype) for b in self._biases()] if self.bias is not None else []
@@ -127,13 +143,20 @@ class FoldedGroup(LoraGroup):
         return tuple(y.view(*lead, y.shape[-1]) for y in ys)
 
 
+def _compute_dtype(x: torch.Tensor, wp: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else wp.dtype
+
+
 def fold_lora_groups(model, groups: tuple[tuple[str, ...], ...] = GROUPS) -> list[FoldedGroup]:
     """Fold every group of sibling LoRA projections in ``model`` (a PEFT model); returns the groups.
 
     Idempotent; :func:`nested_learning.fused_lora.unfuse_lora_groups` restores PEFT's forwards and weights."""
     folded = []
     for names, members in list(unfused_groups(model, groups)):
-        ranks = {m.lora_A[m.active_adapters[0]].weight.shape[0] for m in members}
+        adapters = [m.active_adapters[0] if m.active_adapters else None for m in members]
+        if any(n not in m.lora_A for m, n in zip(members, adapters)):
+            continue  # the active adapter does not cover every member
+        ranks = {m.lora_A[n].weight.shape[0] for m, n in zip(members, adapters)}
         if len(ranks) != 1:
             continue
         span = ranks.pop() * len(members)

@@ -60,8 +60,15 @@ class LoraGroup:
             name = active[0]
             if name not in m.lora_A or name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name):
                 return False
-            if not isinstance(m.lora_dropout[name], torch.nn.Identity):
+            if not isinstance(m.lora_dropout[name], torch.nn.Identity) or getattr(m, "lora_bias", {}).get(name):
                 return False
+            base = m.get_base_layer()
+            if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+                return False
+        return True
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        """Whether this call can take the grouped path (beyond :meth:`fusable`); subclasses add checks."""
         return True
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -83,30 +90,37 @@ class LoraGroup:
     def install(self) -> LoraGroup:
         """Give each member the group's forward (PEFT's own stays the fallback)."""
         for i, m in enumerate(self.members):
-            m.forward = self.member_forward(i, type(m).forward.__get__(m))
+            m.forward = MemberForward(self, i, type(m).forward.__get__(m))
         return self
 
-    def member_forward(self, index: int, original):
-        last = len(self.members) - 1
 
-        def forward(x, *args, **kwargs):
-            if args or kwargs:
-                return original(x, *args, **kwargs)
-            if index == 0:  # the leader checks the group once and computes it for the others
-                if not self.fusable():
-                    self._pending = None
-                    return original(x)
-                parts = self.run(x)
-                self._pending = (x, parts)
-                return parts[0]
-            pending = self._pending
-            if pending is not None and pending[0] is x:
-                if index == last:
-                    self._pending = None
-                return pending[1][index]
-            return original(x, *args, **kwargs)
+class MemberForward:
+    """A member's forward: the first member checks the group and computes it for the others, who take their
+    output when called next with the *same* input tensor; anything else runs PEFT's forward (``original``).
 
-        return forward
+    An object rather than a closure so that ``copy.deepcopy`` of the model copies the group along with its
+    modules (a closure would keep pointing at the original's)."""
+
+    def __init__(self, group: LoraGroup, index: int, original):
+        self.group, self.index, self.original = group, index, original
+
+    def __call__(self, x, *args, **kwargs):
+        group, index = self.group, self.index
+        if args or kwargs:
+            return self.original(x, *args, **kwargs)
+        if index == 0:  # the leader checks the group once and computes it for the others
+            if not (group.fusable() and group.accepts(x)):
+                group._pending = None
+                return self.original(x)
+            parts = group.run(x)
+            group._pending = (x, parts)
+            return parts[0]
+        pending = group._pending
+        if pending is not None and pending[0] is x:
+            if index == len(group.members) - 1:
+                group._pending = None
+            return pending[1][index]
+        return self.original(x)
 
 
 def _lora_linear_children(parent, names):

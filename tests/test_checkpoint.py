@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 
@@ -64,8 +65,8 @@ def test_peft_from_pretrained_reproduces_trained_logits(trained):
 
     from nested_learning.fused_lora import unfuse_lora_groups
 
-    state, model, _ = trained
-    model.eval()
+    state, trained_model, _ = trained
+    model = copy.deepcopy(trained_model).eval()  # the fixture's model stays as trained (folded) for other tests
     with torch.no_grad():
         folded = model(input_ids=_ids()).logits
         assert unfuse_lora_groups(model) > 0  # trained with model.lora_fold: PEFT's own path for the exact check

@@ -193,3 +193,82 @@ def test_trainer_folds_by_default_but_not_under_gradient_checkpointing(tmp_path,
     run_training(cfg, loss_fn=capture)
     up = seen["model"].get_base_model().model.layers[0].mlp.up_proj
     assert hasattr(up.get_base_layer(), BUFFER) is not checkpointing
+
+
+def test_float32_model_under_bf16_autocast_takes_peft_path(monkeypatch):
+    """The buffers hold the model's dtype; a call computing in another dtype must not mix them."""
+    ref = tiny("llama", dtype=torch.float32)
+    model = copy.deepcopy(ref)
+    fold_lora_groups(model)
+    calls = CountFolds(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l_got, g_got = loss_and_grads(model, IDS)
+        l_ref, g_ref = loss_and_grads(ref, IDS)
+    assert calls.n == 0 and torch.equal(l_got, l_ref)
+    assert all(torch.equal(g_got[k], g_ref[k]) for k in g_ref)
+
+
+def test_two_forwards_before_one_backward():
+    """An eval forward between forward and backward, or two losses summed: autograd still accepts the buffers."""
+    ref = tiny("llama")
+    model = copy.deepcopy(ref)
+    fold_lora_groups(model)
+    other = IDS.flip(0)
+    grads = {}
+    for name, m in (("fold", model), ("peft", ref)):
+        m.zero_grad(set_to_none=True)
+        loss = m(input_ids=IDS, labels=IDS).loss
+        with torch.no_grad():
+            m(input_ids=other)
+        (loss + m(input_ids=other, labels=other).loss).backward()
+        grads[name] = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    for name in grads["peft"]:
+        assert torch.allclose(grads["fold"][name], grads["peft"][name], rtol=1e-10, atol=1e-12), name
+
+
+def test_deepcopy_of_a_folded_model_is_independent():
+    ref = tiny("llama")
+    model = copy.deepcopy(ref)
+    fold_lora_groups(model)
+    twin = copy.deepcopy(model)
+    for m in (twin, ref):
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-2.0)
+    assert_same(twin, ref)  # the copy runs its own adapters and buffers ...
+    loss_and_grads(twin, IDS)
+    assert all(p.grad is None for n, p in model.named_parameters() if p.requires_grad)  # ... and fills its own grads
+    up = twin.get_base_model().model.layers[0].mlp.up_proj.get_base_layer()
+    assert up.weight.data_ptr() == getattr(up, BUFFER).data_ptr()
+
+
+def test_weights_given_new_storage_are_linked_again():
+    """``.to()`` (or a safe merge) replaces a weight's storage; the next call copies it back into the buffer."""
+    ref = tiny("llama")
+    model = copy.deepcopy(ref)
+    fold_lora_groups(model)
+    for m in (model, ref):
+        m.to(torch.float32).to(torch.float64)
+    new_base = {k: torch.randn_like(v) for k, v in ref.state_dict().items() if "base_layer.weight" in k}
+    for m in (model, ref):
+        m.load_state_dict(new_base, strict=False)
+    assert_same(model, ref)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
+    assert q.weight.data_ptr() == getattr(q, BUFFER).data_ptr()
+
+
+def test_lora_bias_and_trainable_base_weights_take_peft_path(monkeypatch):
+    lora_bias = tiny("llama", lora_bias=True)  # a bias on lora_B: not in the fold
+    trainable = tiny("llama")
+    trainable.get_base_model().model.layers[0].mlp.up_proj.get_base_layer().weight.requires_grad_(True)
+    for model, folded_calls in ((lora_bias, 0), (trainable, 3)):  # trainable: layer 0's gate/up runs PEFT's path
+        ref = copy.deepcopy(model)
+        fold_lora_groups(model)
+        calls = CountFolds(monkeypatch)
+        l_got, g_got = loss_and_grads(model, IDS)
+        l_ref, g_ref = loss_and_grads(ref, IDS)
+        assert calls.n == folded_calls
+        assert torch.allclose(l_got, l_ref, rtol=1e-12)
+        assert g_got.keys() == g_ref.keys()
+        assert all(torch.allclose(g_got[k], g_ref[k], rtol=1e-9, atol=1e-12) for k in g_ref)
