@@ -39,12 +39,14 @@ def lora_fold(x: torch.Tensor, a: torch.Tensor, sbs: list[torch.Tensor], wps: li
               biases: list[torch.Tensor]) -> list[torch.Tensor]:
     """[xp, y_1 .. y_n]: ``xp = [x | x a^T]`` (kept for backward) and each member's output.
 
-    Declared without mutations on purpose: the write of ``sbs[i]`` into block i of ``wps[i]`` is idempotent
-    (it always stores the values this call uses), so no ordering with other ops can observe it."""
+    Declared without mutations on purpose: the write of ``sbs[i]`` into block i of ``wps[i]`` stores the values
+    this call uses, the same for every call between two adapter updates, and keeps the buffer's version
+    counter. So ``torch.compile`` keeps it an in-place write, and a backward reads the block its forward wrote
+    as long as the adapter weights do not change in between (as in any training step)."""
     k, r = x.shape[1], a.shape[0] // len(wps)
     for i, (sb, wp) in enumerate(zip(sbs, wps)):
-        # Same values for every call between two adapter updates, so a forward that runs before an earlier
-        # forward's backward (an eval pass, two losses summed) does not invalidate what that backward reads.
+        # A second forward before an earlier one's backward (an eval pass, two losses summed) must not make
+        # autograd reject the buffer that backward reads.
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(wp):
             wp[:, k + i * r : k + (i + 1) * r].copy_(sb)
     xp = torch.cat([x, x @ a.t()], 1)
@@ -99,8 +101,8 @@ lora_fold.register_autograd(_backward, setup_context=_setup)
 
 
 class FoldedGroup(LoraGroup):
-    """A :class:`LoraGroup` whose members each hold a ``[W | S]`` buffer (``weight`` is ``(out, K + n*r)``
-    here only through the buffers; ``self.weight`` is unused)."""
+    """A :class:`LoraGroup` whose members each hold a ``[W_i | S_i]`` buffer (``BUFFER`` on the base layer);
+    the inherited ``weight`` field is the first member's frozen weight and goes unused."""
 
     def fusable(self) -> bool:
         if not super().fusable():
