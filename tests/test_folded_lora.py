@@ -12,7 +12,8 @@ import torch
 import nested_learning.folded_lora as fold
 from nested_learning.folded_lora import BUFFER, fold_lora_groups
 from nested_learning.fused_lora import unfuse_lora_groups
-from tests.test_fused_lora import CountCalls, loss_and_grads, tiny
+from tests.test_fused_lora import CountCalls, grouped_copy, loss_and_grads, tiny
+from tests.test_fused_lora import assert_same as shared_assert_same
 
 IDS = torch.randint(0, 211, (3, 17), generator=torch.Generator().manual_seed(2))
 
@@ -22,20 +23,12 @@ def CountFolds(monkeypatch):
 
 
 def assert_same(model, ref, rtol=1e-10):
-    l_ref, g_ref = loss_and_grads(ref, IDS)
-    l_got, g_got = loss_and_grads(model, IDS)
-    assert torch.allclose(l_got, l_ref, rtol=rtol)
-    assert g_got.keys() == g_ref.keys()
-    for name in g_ref:
-        assert torch.allclose(g_got[name], g_ref[name], rtol=rtol, atol=1e-12), name
+    shared_assert_same(model, ref, IDS, loss_rtol=rtol, grad_rtol=rtol)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])  # qwen2: q/k/v carry a bias
 def test_folded_path_matches_peft(arch, monkeypatch):
-    ref = tiny(arch)
-    model = copy.deepcopy(ref)
-    groups = fold_lora_groups(model)
-    assert [g.names for g in groups] == [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")] * 2
+    ref, model, _ = grouped_copy(arch, fold_lora_groups)
     calls = CountFolds(monkeypatch)
     assert_same(model, ref)
     assert calls.n == 4  # one call per group (q/k/v, gate/up), both layers

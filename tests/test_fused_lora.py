@@ -50,21 +50,32 @@ class CountCalls:
         monkeypatch.setattr(group_class, "run", counted)
 
 
+def assert_same(model, ref, ids, loss_rtol=1e-10, grad_rtol=1e-10):
+    """``model`` and ``ref`` give the same loss and the same gradients for the same parameters."""
+    l_ref, g_ref = loss_and_grads(ref, ids)
+    l_got, g_got = loss_and_grads(model, ids)
+    assert torch.allclose(l_got, l_ref, rtol=loss_rtol)
+    assert g_got.keys() == g_ref.keys()
+    for name in g_ref:
+        assert torch.allclose(g_got[name], g_ref[name], rtol=grad_rtol, atol=1e-12), name
+
+
+def grouped_copy(arch: str, layout):
+    """(PEFT model, a copy with ``layout`` applied, its groups): q/k/v and gate/up of both layers."""
+    ref = tiny(arch)
+    model = copy.deepcopy(ref)
+    groups = layout(model)
+    assert [g.names for g in groups] == [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")] * 2
+    return ref, model, groups
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])  # qwen2: q/k/v carry a bias
 def test_grouped_path_matches_peft(arch, monkeypatch):
-    ref = tiny(arch)
-    fused = copy.deepcopy(ref)
-    groups = fuse_lora_groups(fused)
-    assert [g.names for g in groups] == [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")] * 2
+    ref, fused, groups = grouped_copy(arch, fuse_lora_groups)
     calls = CountCalls(monkeypatch)
     ids = torch.randint(0, 211, (3, 17), generator=torch.Generator().manual_seed(2))
-    l_ref, g_ref = loss_and_grads(ref, ids)
-    l_fused, g_fused = loss_and_grads(fused, ids)
+    assert_same(fused, ref, ids, loss_rtol=1e-12, grad_rtol=1e-9)
     assert calls.n == 4  # two groups per layer, two layers: every group took the grouped GEMM
-    assert torch.allclose(l_fused, l_ref, rtol=1e-12)
-    assert g_fused.keys() == g_ref.keys()
-    for name in g_ref:
-        assert torch.allclose(g_fused[name], g_ref[name], rtol=1e-9, atol=1e-12), name
     # The frozen weights are views of one stacked tensor: no copy was added.
     q = fused.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer().weight
     assert q.untyped_storage().data_ptr() == groups[0].weight.untyped_storage().data_ptr()
