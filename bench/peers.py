@@ -5,6 +5,7 @@
     python bench/peers.py --variants ours --set model.fused_lora=false --tag nofuse   # a switch, side by side
     python bench/peers.py --variants ours,peft_compile --profile prof/   # + kernel-time breakdown per variant
     python bench/peers.py --shapes qwen0.5b --data fixed --variants ours --batch 165   # does the estimate fit?
+    python bench/peers.py --shapes llama1b --variants ours,peft_adamw --fit --json f.json   # largest batch, searched
 
 Every variant runs in its own process (own peak memory, own compile cache state) on the same randomly
 initialised model of a real architecture (shapes below; no download), the same synthetic token data, LoRA
@@ -47,6 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from peers_fit import fit_table, is_oom, search_fit  # noqa: E402
 from peers_report import add_figures, fmt_row, matmul_peak, read_runs, record, table, write_json  # noqa: E402, F401
 from peers_setup import (  # noqa: E402
     SHAPES, TARGETS, StepClock, build_base, dims, lora, make_samples, model_config, pad_batch,
@@ -285,6 +287,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None,
                     help="rows per step instead of the shape's own (results are labelled @bN); e.g. to check that "
                          "the estimated largest batch fits")
+    ap.add_argument("--fit", action="store_true",
+                    help="search the largest batch that fits at each shape's length, per variant (fixed rows)")
+    ap.add_argument("--fit-tries", type=int, default=3, help="runs per variant in a --fit search")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, 1+2 steps per variant")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -300,35 +305,84 @@ def main() -> None:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/peers-inductor"),
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     results = read_runs(args.json)
+
+    def launch(shape: str, setting: str, variant: str, batch: int, warmup: int, steps: int, label: bool) -> dict:
+        """One variant in its own process; its result (or ``error``) recorded under its (labelled) name."""
+        seq = SHAPES[shape][3]
+        n_tokens = (warmup + steps + 6) * batch * seq * (1 if setting == "fixed" else 2)
+        spec = dict(shape=shape, data=setting, variant=variant, warmup=warmup, steps=steps, n_tokens=n_tokens,
+                    cpu=args.cpu_smoke, profile=args.profile, overrides=args.set if variant.startswith("ours") else [],
+                    batch=batch)
+        if variant.startswith("ours") and args.tag:
+            variant = spec["label"] = f"{variant}+{args.tag}"
+        if label:
+            variant = spec["label"] = f"{variant}@b{batch}"
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                                  capture_output=True, text=True, timeout=args.timeout)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            res = json.loads(line[-1][7:]) if line else {"error": (proc.stderr or proc.stdout)[-1500:]}
+        except subprocess.TimeoutExpired:
+            res = {"error": f"timeout after {args.timeout} s"}
+        res.update(shape=shape, data=setting, variant=variant, batch=batch, seq=seq,
+                   process_s=time.perf_counter() - t0)
+        nonlocal results
+        results = record(results, res, peak, args.json)
+        return res
+
+    if args.fit:
+        search_all(args, results, launch, peak)
+        return
     for shape in args.shapes.split(","):
-        _, _, batch, seq = SHAPES[shape]
-        batch = args.batch or batch
+        batch = args.batch or SHAPES[shape][2]
         for setting in args.data.split(","):
             for variant in args.variants.split(","):
                 if variant == "ours_check" and setting != "fixed":
                     continue
                 steps = 10 if variant == "ours_check" and not args.cpu_smoke else args.steps
-                n_tokens = (args.warmup + steps + 6) * batch * seq * (1 if setting == "fixed" else 2)
-                spec = dict(shape=shape, data=setting, variant=variant, warmup=args.warmup, steps=steps,
-                            n_tokens=n_tokens, cpu=args.cpu_smoke, profile=args.profile,
-                            overrides=args.set if variant.startswith("ours") else [], batch=batch)
-                if variant.startswith("ours") and args.tag:
-                    variant = spec["label"] = f"{variant}+{args.tag}"
-                if args.batch:
-                    variant = spec["label"] = f"{variant}@b{batch}"
-                t0 = time.perf_counter()
-                try:
-                    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                                          capture_output=True, text=True, timeout=args.timeout)
-                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                    res = json.loads(line[-1][7:]) if line else {"error": (proc.stderr or proc.stdout)[-1500:]}
-                except subprocess.TimeoutExpired:
-                    res = {"error": f"timeout after {args.timeout} s"}
-                res.update(shape=shape, data=setting, variant=variant, batch=batch, seq=seq,
-                           process_s=time.perf_counter() - t0)
-                results = record(results, res, peak, args.json)
+                launch(shape, setting, variant, batch, args.warmup, steps, label=bool(args.batch))
     print()
     print(table(results))
+
+
+def search_all(args, results: list, launch, peak: float) -> None:
+    """``--fit``: per shape and variant, bracket the largest batch at the shape's length (fixed-length rows)."""
+    searches = []
+    for shape in args.shapes.split(","):
+        for variant in args.variants.split(","):
+            tries = []
+
+            def fits(b: int, shape=shape, variant=variant, tries=tries) -> bool:
+                res = launch(shape, "fixed", variant, b, 1, 3, label=True)
+                if "error" in res and not is_oom(res["error"]):
+                    raise RuntimeError(f"{shape} {variant} at batch {b}: {res['error'].strip()[-300:]}")
+                tries.append({"batch": b, "fits": "error" not in res, "process_s": round(res["process_s"], 1),
+                              **{k: res[k] for k in ("peak_gib", "fit_batch") if k in res}})
+                return "error" not in res
+
+            label = f"{variant}+{args.tag}" if variant.startswith("ours") and args.tag else variant
+            known = [r.get("fit_batch") for r in results
+                     if (r["shape"], r["data"], r["variant"]) == (shape, "fixed", label) and r.get("fit_batch")]
+            probe, fit, oom = None, None, None
+            try:
+                if args.batch or known:
+                    start = args.batch or known[-1]
+                else:  # no estimate yet: a short run at the shape's own batch gives one, and is the first try
+                    probe = SHAPES[shape][2]
+                    start = max(probe + 1, tries[0].get("fit_batch") or 0) if fits(probe) else max(1, probe // 2)
+                fit, oom = search_fit(fits, start, tries=args.fit_tries - (probe is not None),
+                                      known_fit=probe if tries and tries[0]["fits"] else None)
+                if tries and not tries[0]["fits"] and probe is not None:
+                    oom = min(oom or probe, probe)
+            except RuntimeError as e:
+                print("   ", e, flush=True)
+            searches.append(dict(shape=shape, variant=label, seq=SHAPES[shape][3], fit=fit, oom=oom,
+                                 tries=tries))
+            if args.json:
+                write_json(args.json, read_runs(args.json), peak, fit_search=searches)
+    print()
+    print(fit_table(searches))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def record(results: list, res: dict, peak: float, path: str | None) -> list:
     return results
 
 
-def write_json(path: str, results: list, peak: float) -> None:
+def write_json(path: str, results: list, peak: float, fit_search: list | None = None) -> None:
+    """``{"meta", "runs", "fit_search"}``; a file's earlier ``fit_search`` is kept unless a new one is given."""
     meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "matmul_peak_tflops": peak, "argv": sys.argv}
     try:
@@ -97,10 +98,16 @@ def write_json(path: str, results: list, peak: float) -> None:
         meta["transformers"] = transformers.__version__
     except ImportError:
         pass
-    old = json.loads(Path(path).read_text()).get("meta", {}) if Path(path).exists() else {}
+    prior = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+    old = prior.get("meta", {})
     if peak != peak and old.get("matmul_peak_tflops"):
         meta["matmul_peak_tflops"] = old["matmul_peak_tflops"]
-    Path(path).write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+    out = {"meta": meta, "runs": results}
+    if fit_search is not None or prior.get("fit_search"):
+        out["fit_search"] = fit_search if fit_search is not None else prior["fit_search"]
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
 
 
 def fmt_row(r: dict) -> str:

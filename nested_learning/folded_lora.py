@@ -37,30 +37,34 @@ BUFFER = "lora_fold_weight"  # non-persistent buffer on each member's base layer
 @torch.library.custom_op("nested_learning::lora_fold", mutates_args=())
 def lora_fold(x: torch.Tensor, a: torch.Tensor, sbs: list[torch.Tensor], wps: list[torch.Tensor],
               biases: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[xp, y_1 .. y_n]: ``xp = [x | x a^T]`` (kept for backward) and each member's output.
+    """[xa, y_1 .. y_n]: the bottleneck ``xa = x a^T`` (kept for backward) and each member's output.
 
     Declared without mutations on purpose: the write of ``sbs[i]`` into block i of ``wps[i]`` stores the values
     this call uses, the same for every call between two adapter updates, and keeps the buffer's version
     counter. So ``torch.compile`` keeps it an in-place write, and a backward reads the block its forward wrote
-    as long as the adapter weights do not change in between (as in any training step)."""
+    as long as the adapter weights do not change in between (as in any training step). The GEMM input
+    ``[x | xa]`` is a temporary: backward keeps ``x``, which the compiler may recompute from the norm before
+    it, and the (M, n*r) ``xa``."""
     k, r = x.shape[1], a.shape[0] // len(wps)
     for i, (sb, wp) in enumerate(zip(sbs, wps)):
         # A second forward before an earlier one's backward (an eval pass, two losses summed) must not make
         # autograd reject the buffer that backward reads.
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(wp):
             wp[:, k + i * r : k + (i + 1) * r].copy_(sb)
-    xp = torch.cat([x, x @ a.t()], 1)
+    xp = torch.empty(x.shape[0], k + a.shape[0], dtype=x.dtype, device=x.device)
+    xp[:, :k].copy_(x)
+    torch.mm(x, a.t(), out=xp[:, k:])
     ys = [F.linear(xp, wp, biases[i] if biases else None) for i, wp in enumerate(wps)]
-    return [xp, *ys]
+    return [xp[:, k:].clone(), *ys]
 
 
 @lora_fold.register_fake
 def _(x, a, sbs, wps, biases):
-    return [x.new_empty(x.shape[0], x.shape[1] + a.shape[0])] + [x.new_empty(x.shape[0], w.shape[0]) for w in wps]
+    return [x.new_empty(x.shape[0], a.shape[0])] + [x.new_empty(x.shape[0], w.shape[0]) for w in wps]
 
 
 @torch.library.custom_op("nested_learning::lora_fold_backward", mutates_args=())
-def lora_fold_backward(dys: list[torch.Tensor], xp: torch.Tensor, a: torch.Tensor,
+def lora_fold_backward(dys: list[torch.Tensor], x: torch.Tensor, xa: torch.Tensor, a: torch.Tensor,
                        wps: list[torch.Tensor]) -> list[torch.Tensor]:
     """[d, e, da, dsb_1 .. dsb_n] for :func:`lora_fold`. ``d = sum_i dy_i @ [W_i | S_i]`` is one (M, K + n*r)
     GEMM chain: its left block is the frozen path's input gradient, its right block the bottleneck's gradient
@@ -72,28 +76,29 @@ def lora_fold_backward(dys: list[torch.Tensor], xp: torch.Tensor, a: torch.Tenso
         d.addmm_(dy, wp)
     dxa = d[:, k:]
     e = dxa @ a
-    da = dxa.t() @ xp[:, :k]
-    dsbs = [dy.t() @ xp[:, k + i * r : k + (i + 1) * r] for i, dy in enumerate(dys)]
+    da = dxa.t() @ x
+    dsbs = [dy.t() @ xa[:, i * r : (i + 1) * r] for i, dy in enumerate(dys)]
     return [d, e, da, *dsbs]
 
 
 @lora_fold_backward.register_fake
-def _(dys, xp, a, wps):
-    m, k = xp.shape[0], a.shape[1]
+def _(dys, x, xa, a, wps):
+    m, k = x.shape[0], a.shape[1]
     r = a.shape[0] // len(wps)
-    return [xp.new_empty(xp.shape), xp.new_empty(m, k), a.new_empty(a.shape)] + [xp.new_empty(w.shape[0], r) for w in wps]
+    return [x.new_empty(m, k + a.shape[0]), x.new_empty(m, k), a.new_empty(a.shape)] + [
+        x.new_empty(w.shape[0], r) for w in wps]
 
 
 def _setup(ctx, inputs, output):
-    _, a, _, wps, biases = inputs
-    ctx.save_for_backward(output[0], a, *wps)
+    x, a, _, wps, biases = inputs
+    ctx.save_for_backward(x, output[0], a, *wps)
     ctx.n_bias = len(biases)
 
 
 def _backward(ctx, grads):
-    xp, a, *wps = ctx.saved_tensors
-    dys = [g if g is not None else xp.new_zeros(xp.shape[0], w.shape[0]) for g, w in zip(grads[1:], wps)]
-    d, e, da, *dsbs = lora_fold_backward(dys, xp, a, wps)
+    x, xa, a, *wps = ctx.saved_tensors
+    dys = [g if g is not None else x.new_zeros(x.shape[0], w.shape[0]) for g, w in zip(grads[1:], wps)]
+    d, e, da, *dsbs = lora_fold_backward(dys, x, xa, a, wps)
     return d[:, : a.shape[1]] + e, da, dsbs, [None] * len(wps), [None] * ctx.n_bias
 
 

@@ -1,0 +1,57 @@
+"""The largest batch that fits, searched: ``bench/peers.py --fit`` runs a variant at candidate batch sizes (each in
+its own process, a few steps, so optimizer state and the compiled graph are in place) and brackets the largest
+one that runs without running out of GPU memory. The search starts at an estimate (the ``fit_batch`` of an earlier
+run of the same shape and variant) and spends a fixed number of tries, so a compiled variant costs a known time."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "out of memory")
+
+
+def is_oom(error: str) -> bool:
+    """Whether a worker's error text is an out-of-memory failure (anything else is a real error)."""
+    return any(m in error for m in OOM_MARKERS)
+
+
+def search_fit(fits: Callable[[int], bool], start: int, tries: int = 3, step: float = 1.1,
+               known_fit: int | None = None) -> tuple[int | None, int | None]:
+    """``(largest batch seen to fit, smallest seen to fail)`` after at most ``tries`` calls of ``fits``
+    (``known_fit``: a batch already seen to fit, never tried again).
+
+    From ``start``: while no failure is seen, go up by ``step``; while no fit is seen, go down by ``step``; once
+    both are known, bisect. Either bound is ``None`` if the tries ran out before it was seen. ``fits`` raises
+    for anything other than running out of memory."""
+    lo, hi = known_fit, None
+    b = max(1, start)
+    for _ in range(tries):
+        if fits(b):
+            lo = max(b, lo or 0)
+        else:
+            hi = b
+        if lo is not None and hi is not None:
+            if hi - lo <= 1:
+                break
+            b = (lo + hi) // 2
+        elif hi is None:
+            b = max(lo + 1, math.ceil(lo * step))
+        else:
+            if hi == 1:
+                break
+            b = min(hi - 1, max(1, math.floor(hi / step)))
+    return lo, hi
+
+
+def fit_table(searches: list[dict]) -> str:
+    """Markdown: per shape and variant, the largest batch that ran and the smallest that ran out of memory."""
+    lines = ["| shape | variant | rows x length that fit | ran out at | peak GiB at the fit | tries |",
+             "|---|---|---:|---:|---:|---|"]
+    for s in searches:
+        tried = ", ".join(f"{t['batch']}{'' if t['fits'] else ' OOM'}" for t in s["tries"])
+        fit = f"{s['fit']} x {s['seq']}" if s["fit"] is not None else "-"
+        peak = next((f"{t['peak_gib']:.1f}" for t in s["tries"] if t["batch"] == s["fit"] and "peak_gib" in t), "-")
+        lines.append(f"| {s['shape']} | {s['variant']} | {fit} | {s['oom'] if s['oom'] is not None else '-'} | "
+                     f"{peak} | {tried} |")
+    return "\n".join(lines)
