@@ -347,8 +347,13 @@ def main() -> None:
 
 
 def search_all(args, results: list, launch, peak: float) -> None:
-    """``--fit``: per shape and variant, bracket the largest batch at the shape's length (fixed-length rows)."""
+    """``--fit``: per shape and variant, bracket the largest batch at the shape's length (fixed-length rows).
+    Searches already in the ``--json`` file are kept, except for the shapes and variants searched again."""
     searches = []
+    if args.json and Path(args.json).exists():
+        redo = {(sh, v) for sh in args.shapes.split(",") for v in args.variants.split(",")}
+        searches = [s for s in json.loads(Path(args.json).read_text()).get("fit_search", [])
+                    if (s["shape"], s["variant"].split("+")[0]) not in redo]
     for shape in args.shapes.split(","):
         for variant in args.variants.split(","):
             tries = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "out of memory")
+OOM_MARKERS = ("OutOfMemoryError", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
 def is_oom(error: str) -> bool:

@@ -1,4 +1,6 @@
-"""Chart of bench/peers.py results: real tokens/s and peak memory per variant, one panel pair per shape/data.
+"""Chart of bench/peers.py results: real tokens/s and peak memory per variant, one panel pair per shape/data, and
+the largest batch that fit where the file holds a ``--fit`` search. Reads a ``--json`` file (``runs``) or a file of
+several device calls (``calls``, each with its ``runs``); runs at a ``--batch`` size (``variant@bN``) are left out.
 
     python bench/plot_peers.py docs/peers.json docs/peers.png
 """
@@ -21,9 +23,13 @@ def main(src: str, dst: str) -> None:
         base, _, tag = r["variant"].partition("+")
         return ORDER.index(base), tag
 
-    runs = [r for r in json.load(open(src))["runs"] if "error" not in r and r["variant"].partition("+")[0] in ORDER]
+    doc = json.load(open(src))
+    runs = doc.get("runs") or [r for call in doc.get("calls", []) for r in call["runs"]]
+    runs = [r for r in runs if "error" not in r and r["variant"].partition("+")[0] in ORDER]
+    fits = doc.get("fit_search", [])
     groups = sorted({(r["shape"], r["data"]) for r in runs})
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
+    n_rows = 3 if fits else 2
+    fig, axes = plt.subplots(n_rows, len(groups), figsize=(4.2 * len(groups), 3.5 * n_rows), squeeze=False)
     for col, (shape, data) in enumerate(groups):
         rows = sorted([r for r in runs if (r["shape"], r["data"]) == (shape, data)], key=rank)
         names = [r["variant"] for r in rows]
@@ -37,6 +43,13 @@ def main(src: str, dst: str) -> None:
         ax.barh(names, [r.get("peak_gib") or 0 for r in rows], color=colors)
         ax.set_xlabel("peak GiB (max_memory_allocated)")
         ax.invert_yaxis()
+        if fits:
+            found = sorted([f for f in fits if f["shape"] == shape and f["fit"]], key=rank)
+            ax = axes[2][col]
+            ax.barh([f["variant"] for f in found], [f["fit"] for f in found],
+                    color=["tab:green" if f["variant"].startswith("ours") else "tab:gray" for f in found])
+            ax.set_xlabel(f"largest batch that fit (rows of {rows[0]['seq']}, searched)")
+            ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 

@@ -41,6 +41,7 @@ def test_known_fit_is_a_lower_bound_and_not_tried_again():
 
 def test_oom_is_told_from_other_errors_and_the_table_names_the_bracket():
     assert is_oom("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert is_oom("RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
     assert not is_oom("RuntimeError: shape mismatch")
     row = fit_table([{"shape": "llama1b", "variant": "ours", "seq": 2048, "fit": 70, "oom": 77,
                       "tries": [{"batch": 64, "fits": True, "peak_gib": 120.0},
