@@ -79,6 +79,9 @@ def _compiled(device: torch.device) -> Callable:
     if device.type != "cuda":
         return _ce_chunk
     if _compiled_chunk is None:
+        from nested_learning.compile_cache import tag_compile_caches
+
+        tag_compile_caches()
         try:
             # dynamic=None: the last chunk of a step and packed widths vary, so after the first new row count
             # the chunk is recompiled once with a symbolic row count instead of once per count (which would

@@ -177,8 +177,10 @@ def maybe_compile(model, cfg: ModelConfig, device: torch.device, *, cuda_graphs:
     is compiled in place (the head and cross-entropy run chunk by chunk outside the graph, see ``loss.py``).
     """
     if cfg.compile and device.type == "cuda":
+        from nested_learning.compile_cache import tag_compile_caches
         from nested_learning.loss import decoder_and_head
 
+        tag_compile_caches()
         set_activation_memory_budget(cfg.activation_memory_budget)
         # CUDA graphs (mode reduce-overhead) record one graph per batch shape: callers ask for them only when
         # the shape is fixed (see uses_cuda_graphs).
