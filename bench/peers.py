@@ -348,14 +348,17 @@ def main() -> None:
 
 def search_all(args, results: list, launch, peak: float) -> None:
     """``--fit``: per shape and variant, bracket the largest batch at the shape's length (fixed-length rows).
-    Searches already in the ``--json`` file are kept, except for the shapes and variants searched again."""
+    Searches already in the ``--json`` file are kept, except for the shapes and labels searched again."""
+    variants = [v for v in args.variants.split(",") if v != "ours_check"]  # ours_check: a same-math run only
+    labels = {v: f"{v}+{args.tag}" if v.startswith("ours") and args.tag else v for v in variants}
+    shapes = args.shapes.split(",")
     searches = []
     if args.json and Path(args.json).exists():
-        redo = {(sh, v) for sh in args.shapes.split(",") for v in args.variants.split(",")}
+        redo = {(sh, labels[v]) for sh in shapes for v in variants}
         searches = [s for s in json.loads(Path(args.json).read_text()).get("fit_search", [])
-                    if (s["shape"], s["variant"].split("+")[0]) not in redo]
-    for shape in args.shapes.split(","):
-        for variant in args.variants.split(","):
+                    if (s["shape"], s["variant"]) not in redo]
+    for shape in shapes:
+        for variant in variants:
             tries = []
 
             def fits(b: int, shape=shape, variant=variant, tries=tries) -> bool:
@@ -366,24 +369,24 @@ def search_all(args, results: list, launch, peak: float) -> None:
                               **{k: res[k] for k in ("peak_gib", "fit_batch") if k in res}})
                 return "error" not in res
 
-            label = f"{variant}+{args.tag}" if variant.startswith("ours") and args.tag else variant
             known = [r.get("fit_batch") for r in results
-                     if (r["shape"], r["data"], r["variant"]) == (shape, "fixed", label) and r.get("fit_batch")]
-            probe, fit, oom = None, None, None
+                     if (r["shape"], r["data"], r["variant"]) == (shape, "fixed", labels[variant])
+                     and r.get("fit_batch")]
             try:
                 if args.batch or known:
                     start = args.batch or known[-1]
                 else:  # no estimate yet: a short run at the shape's own batch gives one, and is the first try
-                    probe = SHAPES[shape][2]
-                    start = max(probe + 1, tries[0].get("fit_batch") or 0) if fits(probe) else max(1, probe // 2)
-                fit, oom = search_fit(fits, start, tries=args.fit_tries - (probe is not None),
-                                      known_fit=probe if tries and tries[0]["fits"] else None)
-                if tries and not tries[0]["fits"] and probe is not None:
-                    oom = min(oom or probe, probe)
-            except RuntimeError as e:
+                    own = SHAPES[shape][2]
+                    start = max(own + 1, tries[0].get("fit_batch") or 0) if fits(own) else max(1, own // 2)
+                if args.fit_tries > len(tries):
+                    search_fit(fits, start, tries=args.fit_tries - len(tries),
+                               known_fit=next((t["batch"] for t in tries if t["fits"]), None),
+                               known_oom=next((t["batch"] for t in tries if not t["fits"]), None))
+            except RuntimeError as e:  # not out of memory: the tries so far still bracket what they can
                 print("   ", e, flush=True)
-            searches.append(dict(shape=shape, variant=label, seq=SHAPES[shape][3], fit=fit, oom=oom,
-                                 tries=tries))
+            searches.append(dict(shape=shape, variant=labels[variant], seq=SHAPES[shape][3],
+                                 fit=max((t["batch"] for t in tries if t["fits"]), default=None),
+                                 oom=min((t["batch"] for t in tries if not t["fits"]), default=None), tries=tries))
             if args.json:
                 write_json(args.json, read_runs(args.json), peak, fit_search=searches)
     print()

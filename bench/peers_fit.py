@@ -17,16 +17,18 @@ def is_oom(error: str) -> bool:
 
 
 def search_fit(fits: Callable[[int], bool], start: int, tries: int = 3, step: float = 1.1,
-               known_fit: int | None = None) -> tuple[int | None, int | None]:
+               known_fit: int | None = None, known_oom: int | None = None) -> tuple[int | None, int | None]:
     """``(largest batch seen to fit, smallest seen to fail)`` after at most ``tries`` calls of ``fits``
-    (``known_fit``: a batch already seen to fit, never tried again).
+    (``known_fit`` / ``known_oom``: batches already seen to fit / to fail, never tried again).
 
     From ``start``: while no failure is seen, go up by ``step``; while no fit is seen, go down by ``step``; once
     both are known, bisect. Either bound is ``None`` if the tries ran out before it was seen. ``fits`` raises
     for anything other than running out of memory."""
-    lo, hi = known_fit, None
+    lo, hi = known_fit, known_oom
     b = max(1, start)
     for _ in range(tries):
+        if (lo is not None and hi is not None and hi - lo <= 1) or hi == 1:
+            break
         if fits(b):
             lo = max(b, lo or 0)
         else:
@@ -36,11 +38,11 @@ def search_fit(fits: Callable[[int], bool], start: int, tries: int = 3, step: fl
                 break
             b = (lo + hi) // 2
         elif hi is None:
-            b = max(lo + 1, math.ceil(lo * step))
+            b = max(lo + 1, math.ceil(round(lo * step, 6)))
         else:
             if hi == 1:
                 break
-            b = min(hi - 1, max(1, math.floor(hi / step)))
+            b = min(hi - 1, max(1, math.floor(round(hi / step, 6))))
     return lo, hi
 
 

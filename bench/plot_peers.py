@@ -18,38 +18,68 @@ import matplotlib.pyplot as plt  # noqa: E402
 ORDER = ["ours", "ours_eager", "peft_adamw", "peft_compile", "peft_liger", "hf_trainer", "seed_style"]
 
 
-def main(src: str, dst: str) -> None:
-    def rank(r):  # tagged variants ("ours+amb08": a --set switch) sort after their base variant
-        base, _, tag = r["variant"].partition("+")
-        return ORDER.index(base), tag
+def known(variant: str) -> bool:
+    return "@b" not in variant and variant.partition("+")[0] in ORDER
 
+
+def rank(r):  # tagged variants ("ours+amb08": a --set switch) sort after their base variant
+    base, _, tag = r["variant"].partition("+")
+    return ORDER.index(base), tag
+
+
+def load(src: str) -> tuple[list, list]:
+    """(speed runs, fit searches) of a file. Runs at a ``--batch`` size and unknown variants are left out; in a
+    file of several calls, a shape / data / variant measured in more than one call is named with its call."""
     doc = json.load(open(src))
-    runs = doc.get("runs") or [r for call in doc.get("calls", []) for r in call["runs"]]
-    runs = [r for r in runs if "error" not in r and r["variant"].partition("+")[0] in ORDER]
-    fits = doc.get("fit_search", [])
+    if "calls" in doc:
+        runs = [dict(r, call=call["name"]) for call in doc["calls"] for r in call["runs"]]
+    else:
+        runs = doc.get("runs", [])
+    runs = [r for r in runs if "error" not in r and known(r["variant"])]
+    seen: dict = {}
+    for r in runs:
+        seen[(r["shape"], r["data"], r["variant"])] = seen.get((r["shape"], r["data"], r["variant"]), 0) + 1
+    for r in runs:
+        if seen[(r["shape"], r["data"], r["variant"])] > 1:
+            r["label"] = f"{r['variant']} ({r['call']})"
+    fits = [f for f in doc.get("fit_search", []) if f["fit"] and known(f["variant"])]
+    return runs, fits
+
+
+def bars(ax, rows, values, xlabel):
+    names = [r.get("label", r["variant"]) for r in rows]
+    ax.barh(names, values, color=["tab:green" if n.startswith("ours") else "tab:gray" for n in names])
+    ax.set_xlabel(xlabel)
+    ax.invert_yaxis()
+
+
+def main(src: str, dst: str) -> None:
+    runs, fits = load(src)
     groups = sorted({(r["shape"], r["data"]) for r in runs})
+    groups += [(shape, "fixed") for shape in sorted({f["shape"] for f in fits}) if (shape, "fixed") not in groups]
+    if not groups:
+        raise SystemExit(f"{src}: no runs or fit searches to plot")
     n_rows = 3 if fits else 2
     fig, axes = plt.subplots(n_rows, len(groups), figsize=(4.2 * len(groups), 3.5 * n_rows), squeeze=False)
+    fit_drawn = set()
     for col, (shape, data) in enumerate(groups):
         rows = sorted([r for r in runs if (r["shape"], r["data"]) == (shape, data)], key=rank)
-        names = [r["variant"] for r in rows]
-        colors = ["tab:green" if n.startswith("ours") else "tab:gray" for n in names]
-        ax = axes[0][col]
-        ax.barh(names, [r["real_tokens_per_s"] / 1e3 for r in rows], color=colors)
-        ax.set_title(f"{shape}, {data} (b{rows[0]['batch']}x{rows[0]['seq']})", fontsize=10)
-        ax.set_xlabel("real tokens/s (thousands)")
-        ax.invert_yaxis()
-        ax = axes[1][col]
-        ax.barh(names, [r.get("peak_gib") or 0 for r in rows], color=colors)
-        ax.set_xlabel("peak GiB (max_memory_allocated)")
-        ax.invert_yaxis()
+        if rows:
+            axes[0][col].set_title(f"{shape}, {data} (b{rows[0]['batch']}x{rows[0]['seq']})", fontsize=10)
+            bars(axes[0][col], rows, [r["real_tokens_per_s"] / 1e3 for r in rows], "real tokens/s (thousands)")
+            bars(axes[1][col], rows, [r.get("peak_gib") or 0 for r in rows], "peak GiB (max_memory_allocated)")
+        else:
+            axes[0][col].set_title(shape, fontsize=10)
+            axes[0][col].axis("off")
+            axes[1][col].axis("off")
         if fits:
-            found = sorted([f for f in fits if f["shape"] == shape and f["fit"]], key=rank)
-            ax = axes[2][col]
-            ax.barh([f["variant"] for f in found], [f["fit"] for f in found],
-                    color=["tab:green" if f["variant"].startswith("ours") else "tab:gray" for f in found])
-            ax.set_xlabel(f"largest batch that fit (rows of {rows[0]['seq']}, searched)")
-            ax.invert_yaxis()
+            found = sorted([f for f in fits if f["shape"] == shape], key=rank)
+            if found and shape not in fit_drawn:  # once per shape: the search is at the shape's length
+                fit_drawn.add(shape)
+                bars(axes[2][col], found, [f["fit"] for f in found],
+                     f"largest batch that fit (rows of {found[0]['seq']}, searched)")
+            else:
+                axes[2][col].axis("off")
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 

@@ -92,6 +92,7 @@ def _(dys, x, xa, a, wps):
 def _setup(ctx, inputs, output):
     x, a, _, wps, biases = inputs
     ctx.save_for_backward(x, output[0], a, *wps)
+    ctx.mark_non_differentiable(output[0])  # xa is handed out for backward's sake, not to be used
     ctx.n_bias = len(biases)
 
 
