@@ -20,14 +20,17 @@ def test_digest_follows_the_source(tmp_path):
     assert source_digest.__wrapped__(root) != before
 
 
-def test_tag_keeps_the_users_tag_and_is_idempotent(monkeypatch):
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "team-a")
-    tag = tag_compile_caches()
-    assert tag == f"team-a+nested_learning-{source_digest()}"
-    assert tag_compile_caches() == tag
-    # A digest from another version (e.g. set by an earlier import in a long-lived process) is replaced.
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "nested_learning-0123456789abcdef+team-a")
-    assert tag_compile_caches() == tag
+def test_tag_keeps_the_users_tag_and_is_idempotent():
+    config = torch.compiler.config
+    before = config.cache_key_tag
+    with config.patch(cache_key_tag="team-a"):  # patch(): torch's config modules do not survive monkeypatch
+        tag = tag_compile_caches()
+        assert tag == f"team-a+nested_learning-{source_digest()}"
+        assert tag_compile_caches() == tag
+    with config.patch(cache_key_tag="nested_learning-0123456789abcdef+team-a"):
+        # A digest from another version (set in a long-lived process before an upgrade) is replaced.
+        assert tag_compile_caches() == tag
+    assert config.cache_key_tag == before  # restored
 
 
 SCRIPT = """
