@@ -27,21 +27,17 @@ def search_fit(fits: Callable[[int], bool], start: int, tries: int = 3, step: fl
     lo, hi = known_fit, known_oom
     b = max(1, start)
     for _ in range(tries):
-        if (lo is not None and hi is not None and hi - lo <= 1) or hi == 1:
+        if hi == 1 or (lo is not None and hi is not None and hi - lo <= 1):
             break
         if fits(b):
             lo = max(b, lo or 0)
         else:
             hi = b
         if lo is not None and hi is not None:
-            if hi - lo <= 1:
-                break
             b = (lo + hi) // 2
         elif hi is None:
             b = max(lo + 1, math.ceil(round(lo * step, 6)))
         else:
-            if hi == 1:
-                break
             b = min(hi - 1, max(1, math.floor(round(hi / step, 6))))
     return lo, hi
 

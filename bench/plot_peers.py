@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 
 import matplotlib
 
@@ -36,9 +37,7 @@ def load(src: str) -> tuple[list, list]:
     else:
         runs = doc.get("runs", [])
     runs = [r for r in runs if "error" not in r and known(r["variant"])]
-    seen: dict = {}
-    for r in runs:
-        seen[(r["shape"], r["data"], r["variant"])] = seen.get((r["shape"], r["data"], r["variant"]), 0) + 1
+    seen = Counter((r["shape"], r["data"], r["variant"]) for r in runs)
     for r in runs:
         if seen[(r["shape"], r["data"], r["variant"])] > 1:
             r["label"] = f"{r['variant']} ({r['call']})"

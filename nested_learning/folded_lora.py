@@ -51,11 +51,10 @@ def lora_fold(x: torch.Tensor, a: torch.Tensor, sbs: list[torch.Tensor], wps: li
         # autograd reject the buffer that backward reads.
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(wp):
             wp[:, k + i * r : k + (i + 1) * r].copy_(sb)
-    xp = torch.empty(x.shape[0], k + a.shape[0], dtype=x.dtype, device=x.device)
-    xp[:, :k].copy_(x)
-    torch.mm(x, a.t(), out=xp[:, k:])
+    xa = x @ a.t()
+    xp = torch.cat([x, xa], 1)
     ys = [F.linear(xp, wp, biases[i] if biases else None) for i, wp in enumerate(wps)]
-    return [xp[:, k:].clone(), *ys]
+    return [xa, *ys]
 
 
 @lora_fold.register_fake
