@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nested_learning import ce_kernel  # noqa: E402
-from nested_learning.loss import _ce_chunk, _compiled  # noqa: E402
+from nested_learning.speed import ce_kernel  # noqa: E402
+from nested_learning.speed.chunked_loss import _ce_chunk, _compiled  # noqa: E402
 
 VOCABS = {"llama3": 128256, "qwen2.5": 151936}
 

@@ -1,11 +1,9 @@
-"""One decoder layer's LoRA projection groups in isolation: PEFT's per-projection path vs the grouped GEMM
-and the folded GEMM.
+"""One decoder layer's LoRA projection groups in isolation: PEFT's per-projection path vs the folded GEMM.
 
     python bench/lora_gemm.py            # CUDA, bf16 autocast; forward + backward, median of 50 after 10
 
 For each shape, groups q/k/v and gate/up at batch x sequence tokens, LoRA r=16: PEFT's three/two LoRA linears
-(eager, then ``torch.compile``), ``nested_learning.fused_lora`` (stacked weights, compiled) and
-``nested_learning.folded_lora`` (compiled: both groups, gate/up only, q/k/v only). Prints ms per
+(eager, then ``torch.compile``) and ``nested_learning.speed.lora_fold`` (compiled: both groups, gate/up only, q/k/v only). Prints ms per
 forward+backward and the ratio to PEFT eager.
 """
 
@@ -20,8 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nested_learning.folded_lora import fold_lora_groups  # noqa: E402
-from nested_learning.fused_lora import fuse_lora_groups  # noqa: E402
+from nested_learning.speed.lora_fold import fold_lora_groups  # noqa: E402
 
 SHAPES = {  # hidden, q out, kv out, intermediate, tokens
     "qwen0.5b": (896, 896, 128, 4864, 8 * 1024),
@@ -69,12 +66,9 @@ def main():
             fold_lora_groups(m, groups)
             return torch.compile(m)
 
-        grouped = copy.deepcopy(peft)
-        fuse_lora_groups(grouped)
         x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         row = []
         variants = (("peft", lambda p=peft: p), ("peft_compiled", lambda p=peft: torch.compile(copy.deepcopy(p))),
-                    ("grouped_compiled", lambda g=grouped: torch.compile(g)),
                     ("folded_compiled", lambda: folded((("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")))),
                     ("folded_mlp", lambda: folded((("gate_proj", "up_proj"),))),
                     ("folded_qkv", lambda: folded((("q_proj", "k_proj", "v_proj"),))))

@@ -2,7 +2,7 @@
 
     python bench/peers.py --shapes qwen0.5b,llama1b --data fixed,realistic --json docs/peers.json
     python bench/peers.py --cpu-smoke            # tiny model on the CPU: checks every variant runs
-    python bench/peers.py --variants ours --set model.fused_lora=false --tag nofuse   # a switch, side by side
+    python bench/peers.py --variants ours --set speed.lora_fold=false --tag nofold   # a lever off, side by side
     python bench/peers.py --variants ours,peft_compile --profile prof/   # + kernel-time breakdown per variant
     python bench/peers.py --shapes qwen0.5b --data fixed --variants ours --batch 165   # does the estimate fit?
     python bench/peers.py --shapes llama1b --variants ours,peft_adamw --fit --json f.json   # largest batch, searched
@@ -13,11 +13,11 @@ r=16 / alpha=32 on all 7 projections, bf16 autocast on CUDA, seed 0; ``--warmup`
 ``--steps`` timed steps (the device is synchronised at each step boundary, the same for every variant).
 
 Variants:
-  ours          ``run_training`` itself (``nested-learning train``): BatchPlan + collate, the chunked head +
-                cross-entropy, NestedAdamW(flat) at tiers [1,2,4], clip, schedule, callbacks; model.compile on,
-                data.packing on, output.log_every=10. Only model / tokenizer / data *loading* is replaced (random
-                weights, token ids instead of JSONL).
-  ours_eager    the same with model.compile off.
+  ours          ``build_run`` + ``train_loop`` (what ``nested-learning train`` runs): BatchPlan + collate, the
+                chunked head + cross-entropy, NestedAdamW(flat) at tiers [1,2,4], clip, schedule, callbacks;
+                the speed levers at their defaults, data.packing on, output.log_every=10. Only model / tokenizer /
+                data *loading* is replaced (random weights, token ids instead of JSONL).
+  ours_eager    the same with speed.compile off.
   ours_check    ``ours`` at tiers [1] (plain AdamW) and no shuffling, fixed-length data only: its losses are
                 compared with ``peft_adamw``'s after the same steps (same math, so they must agree).
   peft_adamw    PEFT LoRA + torch.optim.AdamW(fused=True), plain loop, ``model(..., labels=...).loss``.
@@ -160,11 +160,12 @@ def run_hf_trainer(spec: dict, device) -> dict:
 
 
 def run_ours(spec: dict, device) -> dict:
-    """``run_training`` with only the loaders replaced: random weights and pre-tokenised samples."""
-    import nested_learning.trainer as trainer
-    from nested_learning.config import TrainConfig
-    from nested_learning.data import BatchPlan, Sample
-    from nested_learning.optim.torch import NestedAdamW
+    """Our trainer as users run it: ``build_run`` on random weights and pre-tokenised samples, then ``train_loop``."""
+    from nested_learning.config import TrainConfig, apply_overrides
+    from nested_learning.data import Sample
+    from nested_learning.train.loop import train_loop
+    from nested_learning.train.setup import build_run
+    from nested_learning.train.state import Callback
 
     shape, variant = spec["shape"], spec["variant"]
     batch, seq = dims(spec)
@@ -173,7 +174,8 @@ def run_ours(spec: dict, device) -> dict:
     out_dir = tempfile.mkdtemp(prefix="peers-ours-")
     raw = {
         "seed": 0,
-        "model": {"name_or_path": f"bench:{shape}", "compile": variant != "ours_eager"},
+        "model": {"name_or_path": f"bench:{shape}"},
+        "speed": {"compile": variant != "ours_eager"},
         "lora": {"r": 16, "alpha": 32, "target_modules": TARGETS},
         "data": {"max_length": seq, "packing": True, "shuffle": not check},
         "tiers": {"periods": [1] if check else [1, 2, 4]},
@@ -184,19 +186,10 @@ def run_ours(spec: dict, device) -> dict:
         "checkpoint": {"every": 0, "save_best": False},
         "output": {"dir": out_dir, "log_every": 1 if check else 10, "tensorboard": False, "overwrite": True},
     }
-    for item in spec.get("overrides", []):  # --set KEY=VALUE, as `nested-learning train --set` reads them
-        key, _, value = item.partition("=")
-        *path, leaf = key.split(".")
-        node = raw
-        for part in path:
-            node = node.setdefault(part, {})
-        try:
-            node[leaf] = json.loads(value)
-        except json.JSONDecodeError:
-            node[leaf] = value
     prof = StepProfiler(spec.get("profile"), f"{shape}-{spec['data']}-{spec.get('label', variant)}", n_steps)
     raw["schedule"]["steps"] = n_steps + prof.extra_steps
-    cfg = TrainConfig.model_validate(raw)
+    # --set KEY=VALUE, parsed as `nested-learning train --set` parses them
+    cfg = TrainConfig.model_validate(apply_overrides(raw, spec.get("overrides", [])))
     samples = [Sample(ids, list(ids)) for ids in spec["samples"]]
 
     class Tok:
@@ -205,24 +198,19 @@ def run_ours(spec: dict, device) -> dict:
         def save_pretrained(self, path):
             pass
 
-    def prepare_data(c, tokenizer):
-        plan = BatchPlan(samples, c.optim.batch_size, seed=c.seed, shuffle=c.data.shuffle,
-                         group_by_length=c.data.group_by_length, packing=c.data.packing, max_length=c.data.max_length)
-        return samples, [], plan
-
-    trainer.load_tokenizer = lambda model_cfg: Tok()
-    trainer.prepare_data = prepare_data
-    mem = {}
-
-    from nested_learning.model import prepare_base
-
-    trainer.load_model = lambda model_cfg: prepare_base(build_base(shape, device), model_cfg)
+    run = build_run(cfg, tokenizer=Tok(), base_model=build_base(shape, device), data=(samples, []))
+    print(run.speed_plan.format(), file=sys.stderr)
     clock = StepClock(device)
-    NestedAdamW.step = clock.wrap_step(NestedAdamW.step)
+    run.optimizer.step = clock.wrap_step(run.optimizer.step)
+    # Sample lengths per step (for the attention FLOP term): micro-batch k is batch k % len of epoch k // len.
+    plan = run.batch_plan
+    for k in range(raw["schedule"]["steps"]):
+        epoch, i = divmod(k, len(plan))
+        clock.lengths.append([plan.lengths[j] for j in plan.epoch(epoch)[i]])
     real = {"seen": 0}
-    losses = []
+    mem, losses = {}, []
 
-    class Clock(trainer.Callback):
+    class Clock(Callback):
         def on_start(self, state):
             mem["before"] = torch.cuda.memory_allocated() if clock.cuda else 0
             clock.mark()
@@ -235,22 +223,12 @@ def run_ours(spec: dict, device) -> dict:
                 losses.append(state.train_loss)
             prof.tick(state.step)
 
-    # Sample lengths per step (for the attention FLOP term): packed rows are whole samples, so the lengths
-    # of the samples in each micro-batch are what BatchPlan.epoch lists.
-    import nested_learning.data.batching as data_mod  # iterate_batches calls batching.collate
-
-    orig_collate = data_mod.collate
-
-    def collate(batch_samples, *a, **k):
-        clock.lengths.append([len(s) for s in batch_samples])
-        return orig_collate(batch_samples, *a, **k)
-
-    data_mod.collate = collate
-    state = trainer.run_training(cfg, callbacks=[Clock()])
+    state = train_loop(run, callbacks=[Clock()])
     out = clock.summary(spec["warmup"], spec["steps"])
     out["mem_before_first_step"] = mem.get("before", 0)
     out["n_lora"] = sum(n for t in state.tier_stats for n in [t.get("num_params", 0)])
     out["final_loss"] = state.train_loss
+    out["speed_plan"] = run.speed_plan.to_dict()
     if check:
         out["losses"] = losses
     return out
@@ -281,7 +259,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write (or merge into) this JSON file")
     ap.add_argument("--timeout", type=int, default=400, help="seconds per variant process")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for the ours* variants (e.g. model.fused_lora=false)")
+                    help="config override for the ours* variants (e.g. speed.lora_fold=false)")
     ap.add_argument("--tag", default="", help="suffix for the ours* variant names in the results (with --set)")
     ap.add_argument("--profile", default=None, help="write a kernel-time breakdown of 3 steps per variant here")
     ap.add_argument("--batch", type=int, default=None,

@@ -74,7 +74,7 @@ def make_samples(shape: str, setting: str, n_tokens: int, seed: int = 0) -> list
 def lora(model, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)  # as nested_learning.model.wrap_lora does
+    torch.manual_seed(seed)  # as nested_learning.model.lora.wrap_lora does
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
                                             task_type="CAUSAL_LM"))
 

@@ -12,13 +12,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "NestedAdamW": "nested_learning.optim.torch",
+    "NestedAdamW": "nested_learning.optim.adamw",
     "assign_tiers": "nested_learning.tiers",
     "format_plan": "nested_learning.tiers",
     "TrainConfig": "nested_learning.config",
     "load_config": "nested_learning.config",
-    "run_training": "nested_learning.trainer",
-    "TrainerState": "nested_learning.trainer",
+    "build_run": "nested_learning.train.setup",
+    "train_loop": "nested_learning.train.loop",
+    "run_training": "nested_learning.train.loop",
+    "TrainerState": "nested_learning.train.state",
+    "Callback": "nested_learning.train.state",
 }
 
 __all__ = ["__version__", *_EXPORTS]

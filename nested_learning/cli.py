@@ -1,4 +1,4 @@
-"""``nested-learning``: train, eval, generate, merge, demo (and ``serve`` when the service is installed).
+"""``nested-learning``: train, eval, generate, merge, demo, convert-adapter, import-run (and ``serve``).
 
 Every subcommand reports a bad input as one ``error: ...`` line naming the field, file or line, exit code 2;
 a training failure (non-finite loss) exits 1. Printing lives here, as trainer callbacks.
@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from nested_learning.trainer import Callback, TrainerState
+from nested_learning.train.state import Callback, TrainerState
 
 log = logging.getLogger("nested_learning")
 
@@ -36,6 +36,17 @@ def _step_line(s: TrainerState) -> str:
     return f"loss {loss}  lr {s.lr:.2e}  {tps} tok/s  ETA {_eta(s.eta_s)}"
 
 
+def _eval_line(s: TrainerState) -> str:
+    line = f"val_loss {s.val_loss:.4f}  val_ppl {s.val_ppl:.2f}"
+    if s.val_exact_match is not None:
+        line += f"  val_exact_match {s.val_exact_match:.3f}"
+    if s.retain_loss is not None:
+        line += f"  retain_loss {s.retain_loss:.4f}"
+    if s.retain_exact_match is not None:
+        line += f"  retain_exact_match {s.retain_exact_match:.3f}"
+    return line
+
+
 class LogLines(Callback):
     """``--quiet``: plain log lines, one per logged step and eval."""
 
@@ -44,6 +55,7 @@ class LogLines(Callback):
 
     def on_start(self, state):
         log.info("tier plan:\n%s", state.tier_plan)
+        log.info("%s", state.speed_plan)
         log.info("training %d steps -> %s", state.total_steps, state.output_dir)
 
     def on_step(self, state):
@@ -51,7 +63,7 @@ class LogLines(Callback):
             log.info("step %d/%d  %s", state.step, state.total_steps, _step_line(state))
 
     def on_eval(self, state):
-        log.info("step %d  val_loss %.4f  val_ppl %.2f", state.step, state.val_loss, state.val_ppl)
+        log.info("step %d  %s", state.step, _eval_line(state))
 
     def on_checkpoint(self, state, path):
         log.info("checkpoint %s", path)
@@ -71,6 +83,7 @@ class RichProgress(LogLines):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.console.print(state.tier_plan)
+        self.console.print(state.speed_plan, highlight=False)
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             console=self.console, transient=False,
@@ -82,7 +95,7 @@ class RichProgress(LogLines):
         self.progress.update(self.task, completed=state.step, info=_step_line(state))
 
     def on_eval(self, state):
-        self.console.print(f"step {state.step}: val_loss {state.val_loss:.4f}  val_ppl {state.val_ppl:.2f}")
+        self.console.print(f"step {state.step}: {_eval_line(state)}")
 
     def on_checkpoint(self, state, path):
         self.console.print(f"[dim]checkpoint {path}[/dim]")
@@ -159,47 +172,131 @@ def _help_config() -> str:
 
 
 def cmd_train(args) -> int:
-    from nested_learning.config import load_config
-    from nested_learning.trainer import run_training
+    from nested_learning.config import ConfigError, load_config
+    from nested_learning.train.loop import run_training
 
     if args.help_config:
         print(_help_config())
         return 0
     overrides = list(args.set or [])
+    if args.backend:
+        overrides.append(f"backend={args.backend}")
     if args.out:
         overrides.append(f"output.dir={args.out}")
     cfg = load_config(args.config, overrides)
+    if args.nproc is not None:
+        return _launch_torchrun(args, cfg)
+    from nested_learning.train import distributed
+
+    # Under torchrun: join the process group; rank 0 alone reports (the others log warnings and errors only).
+    ctx = distributed.init_from_env(cfg.distributed.timeout_s, cfg.model.device)
+    if ctx.active and cfg.backend != "torch":
+        raise ConfigError(f"backend: data-parallel training (torchrun) needs backend torch, not {cfg.backend}")
     console = _setup_logging(args.quiet)
+    if not ctx.is_main:
+        logging.getLogger("nested_learning").setLevel(logging.WARNING)
     stop = threading.Event()
-    with _Signals(stop):
-        state = run_training(cfg, [_progress_callback(args.quiet, console, cfg.output.log_every)], stop, args.resume)
-    print(json.dumps({"status": state.status, "step": state.step, "val_loss": state.val_loss,
-                      "best_val_loss": state.best_val_loss, "checkpoint": state.last_checkpoint}))
+    try:
+        with _Signals(stop):
+            state = run_training(cfg, [_progress_callback(args.quiet, console, cfg.output.log_every)], stop,
+                                 args.resume)
+    finally:
+        distributed.shutdown()
+    if ctx.is_main:
+        print(json.dumps({"status": state.status, "step": state.step, "val_loss": state.val_loss,
+                          "best_val_loss": state.best_val_loss, "checkpoint": state.last_checkpoint}))
     return 0
 
 
-def _eval_samples(path: str, tokenizer, max_length: int, mask_prompt: bool, chat_template: str | None):
-    from nested_learning.data import DataError, detect_format, encode_records, read_jsonl
+def _launch_torchrun(args, cfg) -> int:
+    """``train --nproc N``: the same command, once per rank, under torchrun on this machine."""
+    import os
 
-    records = read_jsonl(path)
-    if not records:
-        raise DataError(f"{path}: no records")
-    fmt = detect_format(records, path)
-    samples, _ = encode_records(records, tokenizer, fmt, max_length=max_length, mask_prompt=mask_prompt,
-                                chat_template=chat_template, source=str(path))
-    return samples
+    from nested_learning.config import ConfigError
+    from nested_learning.train.distributed import launch
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
+    if cfg.backend != "torch":
+        raise ConfigError(f"--nproc: data-parallel training needs backend torch, not {cfg.backend}")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        raise ConfigError("--nproc: already running under torchrun; drop --nproc (torchrun's --nproc-per-node "
+                          "sets the number of ranks)")
+    argv = ["train"] + ([args.config] if args.config else [])
+    argv += [f"--set={item}" for item in args.set or []]
+    argv += [f"--{name}={value}" for name, value in (("backend", args.backend), ("out", args.out),
+                                                     ("resume", args.resume)) if value]
+    argv += ["--quiet"] if args.quiet else []
+    return launch(args.nproc, argv)
+
+
+def _eval_scores(model, sets: dict[str, list], pad_id: int, args) -> dict[str, dict[str, Any]]:
+    from nested_learning.train.evaluate import evaluate_samples
+
+    device = next(model.parameters()).device
+    return {name: {**evaluate_samples(model, samples, pad_id, metric=args.metric, batch_size=args.batch_size,
+                                      device=device), "samples": len(samples)}
+            for name, samples in sets.items()}
 
 
 def cmd_eval(args) -> int:
-    from nested_learning.evaluate import evaluate_loss
-    from nested_learning.generate import load_for_inference
+    """Target and retain sets, for the adapter and for its base model (the adapter switched off), or for a
+    base model alone. The top level keeps the evaluated model's target numbers (loss, ppl, tokens, ...)."""
+    from nested_learning.config import ConfigError, EvalConfig, ModelConfig, load_config
+    from nested_learning.inference.generate import load_for_inference
+    from nested_learning.train.evaluate import load_eval_file
 
+    if args.target and args.data:
+        raise ConfigError("eval: --data is another name for --target; give one")
+    target = args.target or args.data
+    if not target and not args.retain:
+        raise ConfigError("eval: give --target FILE and/or --retain FILE")
+    from pydantic import ValidationError
+
+    try:
+        retain = EvalConfig(retain=args.retain or []).retain  # named by file stem, as eval.retain does
+    except ValidationError as exc:
+        raise ConfigError(f"--retain: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     _setup_logging(True)
-    model, tokenizer = load_for_inference(adapter=args.adapter, base=args.model, device=args.device)
-    samples = _eval_samples(args.data, tokenizer, args.max_length, not args.no_mask_prompt, None)
-    device = next(model.parameters()).device
-    res = evaluate_loss(model, samples, tokenizer.pad_token_id, batch_size=args.batch_size, device=device)
-    res.update(samples=len(samples), data=args.data, adapter=args.adapter, model=args.model)
+    scores, base_model = _eval_scores, None
+    if _mlx_checkpoint(args.adapter):  # an MLX run's checkpoint: scored with mlx-lm, its base loaded beside it
+        from nested_learning.mlx.generate import load_mlx_checkpoint
+        from nested_learning.mlx.model import load_base
+        from nested_learning.mlx.train import evaluate_mlx
+
+        model, tokenizer, _ = load_mlx_checkpoint(args.adapter, base=args.model, with_config=True)
+        base_model = load_base(load_config(Path(args.adapter) / "config.yaml").model if args.model is None
+                               else ModelConfig(name_or_path=args.model))[0]
+
+        def scores(m, sets, pad_id, args):
+            return {name: {**evaluate_mlx(m, samples, pad_id, batch_size=args.batch_size, metric=args.metric),
+                           "samples": len(samples)} for name, samples in sets.items()}
+    else:
+        model, tokenizer = load_for_inference(adapter=args.adapter, base=args.model, device=args.device)
+
+    def load(path):
+        return load_eval_file(path, tokenizer, max_length=args.max_length, mask_prompt=not args.no_mask_prompt)
+
+    target_sets = {"target": load(target)} if target else {}
+    retain_sets = {name: load(path) for name, path in retain.items()}
+
+    def report(m) -> dict[str, Any]:
+        out: dict[str, Any] = dict(scores(m, target_sets, tokenizer.pad_token_id, args).get("target", {}))
+        if retain_sets:
+            out["retain"] = scores(m, retain_sets, tokenizer.pad_token_id, args)
+            out["retain_loss"] = sum(r["loss"] for r in out["retain"].values()) / len(out["retain"])
+            if args.metric == "exact_match":
+                out["retain_exact_match"] = (sum(r["exact_match"] for r in out["retain"].values())
+                                             / len(out["retain"]))
+        return out
+
+    res = report(model)
+    if base_model is not None:
+        res["base"] = report(base_model)
+    elif args.adapter is not None:
+        with model.disable_adapter():  # the same base weights the adapter was trained on
+            res["base"] = report(model)
+    res.update(data=target, retain_files=retain, adapter=args.adapter, model=args.model, metric=args.metric)
     print(json.dumps(res))
     return 0
 
@@ -222,12 +319,19 @@ def _parse_messages(text: str) -> list[dict[str, Any]]:
 
 def cmd_generate(args) -> int:
     from nested_learning.config import ConfigError
-    from nested_learning.generate import generate_text, load_for_inference
+    from nested_learning.inference.generate import generate_text, load_for_inference
 
     if (args.prompt is None) == (args.messages is None):
         raise ConfigError("generate: give exactly one of --prompt or --messages")
     messages = _parse_messages(args.messages) if args.messages is not None else None
     _setup_logging(True)
+    if _mlx_checkpoint(args.adapter):
+        from nested_learning.mlx.generate import generate_mlx, load_mlx_checkpoint
+
+        model, tokenizer = load_mlx_checkpoint(args.adapter, base=args.model)
+        print(generate_mlx(model, tokenizer, prompt=args.prompt, messages=messages, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, seed=args.seed))
+        return 0
     model, tokenizer = load_for_inference(adapter=args.adapter, base=args.model, device=args.device)
     pieces = generate_text(model, tokenizer, prompt=args.prompt, messages=messages,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
@@ -239,10 +343,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _mlx_checkpoint(adapter: str | None) -> bool:
+    """A checkpoint of an MLX run: generate and merge it with mlx-lm (asks for the mlx extra if missing)."""
+    from nested_learning.mlx import is_mlx_run_checkpoint
+
+    if not is_mlx_run_checkpoint(adapter):
+        return False
+    from nested_learning.mlx import require_mlx
+
+    require_mlx()
+    return True
+
+
 def cmd_merge(args) -> int:
-    from nested_learning.merge import merge_adapter
+    from nested_learning.inference.merge import merge_adapter
 
     _setup_logging(True)
+    if _mlx_checkpoint(args.adapter):
+        from nested_learning.mlx.generate import merge_mlx
+
+        out = merge_mlx(args.adapter, args.out, base=args.model, overwrite=args.overwrite)
+        print(json.dumps({"merged": str(out), "format": "mlx"}))
+        return 0
     out = merge_adapter(args.adapter, args.out, base=args.model, device=args.device, overwrite=args.overwrite)
     print(json.dumps({"merged": str(out)}))
     return 0
@@ -252,7 +374,8 @@ def cmd_demo(args) -> int:
     from nested_learning.demo import run_demo
 
     console = _setup_logging(args.quiet)
-    res = run_demo(args.out, args.steps, [_progress_callback(args.quiet, console, 10)], overwrite=args.overwrite)
+    res = run_demo(args.out, args.steps, [_progress_callback(args.quiet, console, 10)], overwrite=args.overwrite,
+                   backend=args.backend)
     console.print(f"prompt: {res['prompt']!r}")
     console.print(f"before training: {res['before']!r}")
     console.print(f"after training:  {res['after']!r}")
@@ -260,6 +383,22 @@ def cmd_demo(args) -> int:
                   f"({res['train_seconds']:.0f} s); adapter: {res['adapter']}")
     print(json.dumps({k: res[k] for k in ("status", "steps", "val_loss_before", "val_loss_after", "train_seconds",
                                           "before", "after", "adapter")}))
+    return 0
+
+
+def cmd_convert_adapter(args) -> int:
+    from nested_learning.inference.convert import convert_adapter
+
+    out = convert_adapter(args.src, args.dst, args.to, base=args.base, overwrite=args.overwrite)
+    print(json.dumps({"converted": str(out), "format": args.to}))
+    return 0
+
+
+def cmd_import_run(args) -> int:
+    from nested_learning.service.oldruns import import_run
+
+    print(json.dumps(import_run(args.old_dir, out=args.out, base=args.base, workdir=args.workdir, db=args.db,
+                                overwrite=args.overwrite)))
     return 0
 
 
@@ -273,7 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="shorthand for --set output.dir=DIR")
     t.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint dir, or `auto` (latest in output.dir)")
     t.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel on this machine: launch N ranks through torchrun (one per GPU; gloo on CPU)")
     t.add_argument("--help-config", action="store_true", help="list every config field with its default")
+    t.add_argument("--backend", choices=["torch", "mlx"],
+                   help="shorthand for --set backend=...: torch (PyTorch + PEFT) or mlx (mlx-lm)")
     t.set_defaults(func=cmd_train)
 
     def source_args(q):
@@ -281,9 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", help="base model: hub id, local dir or embedded:<name> (overrides the adapter's)")
         q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
-    e = sub.add_parser("eval", help="loss and perplexity of a base model or adapter on a JSONL file")
+    e = sub.add_parser("eval", help="loss (and exact match) of an adapter and its base, or of a base model, on "
+                       "a target file and retain files")
     source_args(e)
-    e.add_argument("--data", required=True, help="JSONL file (text, prompt/completion or messages)")
+    e.add_argument("--base", dest="model", help="another name for --model")
+    e.add_argument("--target", help="JSONL file of the task learnt (text, prompt/completion or messages)")
+    e.add_argument("--data", help="another name for --target")
+    e.add_argument("--retain", action="append", metavar="FILE",
+                   help="JSONL file of what should not be forgotten (repeatable; each named by its file stem)")
+    e.add_argument("--metric", choices=["loss", "exact_match"], default="loss",
+                   help="exact_match: also score the greedy completion against the reference")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-length", type=int, default=1024)
     e.add_argument("--no-mask-prompt", action="store_true", help="count prompt tokens in the loss too")
@@ -311,7 +461,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="demo directory (data/ and run/ inside)")
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--overwrite", action="store_true", help="rerun into an existing demo directory")
+    d.add_argument("--backend", choices=["torch", "mlx"], default="torch", help="train with PyTorch or with MLX")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("convert-adapter", help="convert a LoRA adapter between PEFT and the old app's mlx-lm format")
+    c.add_argument("src", help="adapter directory (either format)")
+    c.add_argument("dst", help="new adapter directory")
+    c.add_argument("--to", required=True, choices=["peft", "mlx"], help="format to write")
+    c.add_argument("--base", help="base model (recorded in the adapter; to mlx: counts the adapted blocks)")
+    c.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+    c.set_defaults(func=cmd_convert_adapter)
+
+    i = sub.add_parser("import-run", help="import an old app run folder (config.json + metrics/) as a run and a job")
+    i.add_argument("old_dir", help="the old run folder, e.g. nested_learning/checkpoints/NAME")
+    i.add_argument("--out", help="new run directory (default: <workdir>/imported/NAME)")
+    i.add_argument("--base", help="base model: converts the old adapters into PEFT checkpoints of the new run")
+    i.add_argument("--workdir", default="outputs/service", help="the service workdir whose job store lists the run")
+    i.add_argument("--db", help="job store path (default <workdir>/jobs.db)")
+    i.add_argument("--overwrite", action="store_true", help="replace an earlier import of the same run")
+    i.set_defaults(func=cmd_import_run)
 
     from nested_learning.service import add_serve_arguments, run_from_args
 
@@ -321,9 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nested_learning.checkpoint import CheckpointError
     from nested_learning.config import ConfigError
-    from nested_learning.trainer import TrainingError
+    from nested_learning.train.state import CheckpointError, TrainingError
 
     args = build_parser().parse_args(argv)
     try:
@@ -331,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        # ValueError covers DataError and ModelError: bad input, already phrased for the user
+    except (ConfigError, CheckpointError, ValueError, OSError) as exc:
+        # ValueError covers DataError and ModelError: bad input, already phrased for the user. OSError: a path
+        # the OS refuses (under a file, a read-only mount); its message names the path.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

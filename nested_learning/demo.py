@@ -41,11 +41,13 @@ def make_demo_data(data_dir: str | Path, seed: int = 0, n_valid: int = 64) -> Pa
     return data_dir
 
 
-def demo_config(out: str | Path = "runs/demo", steps: int = 400, **overrides: Any) -> TrainConfig:
+def demo_config(out: str | Path = "runs/demo", steps: int = 400, backend: str = "torch",
+                **overrides: Any) -> TrainConfig:
     """The demo run, also shipped as ``configs/demo.yaml`` (a test keeps the two equal)."""
     out = Path(out)
     raw: dict[str, Any] = {
         "seed": 0,
+        **({"backend": backend} if backend != "torch" else {}),
         "model": {"name_or_path": "embedded:tiny-llama", "device": "cpu"},
         # The embedded base is random and frozen: adapting the head too lets the model grow confident logits.
         "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -70,13 +72,30 @@ def demo_config(out: str | Path = "runs/demo", steps: int = 400, **overrides: An
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int = 400, callbacks: Iterable = (), max_new_tokens: int = 40,
-             overwrite: bool = False) -> dict[str, Any]:
-    """Generate the data, show a generation before, train, show one after. Returns the numbers."""
-    from nested_learning.generate import generate_text, load_for_inference
-    from nested_learning.model import load_model_and_tokenizer
-    from nested_learning.trainer import Callback, run_training
+             overwrite: bool = False, backend: str = "torch") -> dict[str, Any]:
+    """Generate the data, show a generation before, train, show one after. Returns the numbers.
+    ``backend="mlx"``: the same run on MLX (the embedded model's MLX twin, same weights)."""
+    from nested_learning.train.loop import run_training
+    from nested_learning.train.state import Callback
 
-    cfg = demo_config(out, steps, output__overwrite=overwrite)
+    cfg = demo_config(out, steps, backend=backend, output__overwrite=overwrite)
+    if backend == "mlx":
+        from nested_learning.mlx import require_mlx
+
+        require_mlx()
+        from nested_learning.mlx.generate import generate_mlx as generate_text
+        from nested_learning.mlx.generate import load_mlx_checkpoint
+        from nested_learning.mlx.model import load_base
+        from nested_learning.model.loading import load_tokenizer
+
+        def load_for_inference(adapter, device):
+            return load_mlx_checkpoint(adapter)
+
+        def load_model_and_tokenizer(model_cfg):
+            return load_base(model_cfg)[0], load_tokenizer(model_cfg)
+    else:
+        from nested_learning.inference.generate import generate_text, load_for_inference
+        from nested_learning.model.loading import load_model_and_tokenizer
     make_demo_data(cfg.data.dir, seed=cfg.seed)
     base, tokenizer = load_model_and_tokenizer(cfg.model)
     before = generate_text(base, tokenizer, prompt=DEMO_PROMPT, max_new_tokens=max_new_tokens)

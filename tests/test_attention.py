@@ -1,4 +1,4 @@
-"""``model.skip_causal_mask``: rows of one sample from position 0 reach SDPA with no mask tensor, also under
+"""``speed.skip_causal_mask``: rows of one sample from position 0 reach SDPA with no mask tensor, also under
 ``torch.compile`` (where transformers would build one), and the attention is the same as with the mask."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nested_learning.attention import CAUSAL_SDPA, causal_rows, use_causal_sdpa
+from nested_learning.speed.causal_mask import CAUSAL_SDPA, causal_rows, use_causal_sdpa
 from nested_learning.data import Sample, collate
-from nested_learning.loss import chunked_token_loss_sum, token_loss_sum
-from tests.test_fused_lora import tiny
+from nested_learning.speed.chunked_loss import chunked_token_loss_sum
+from nested_learning.train.loss import token_loss_sum
+from conftest import tiny
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_no_mask_under_compile_and_one_graph_each_way(sdpa_masks):
 
 
 def test_windows_and_caches_keep_their_mask():
-    from nested_learning.attention import _causal_mask_or_none
+    from nested_learning.speed.causal_mask import _causal_mask_or_none
 
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
@@ -127,7 +128,7 @@ def test_causal_rows_is_per_thread():
     """Two trainings in one process: one thread's single-sample batches never drop another thread's mask."""
     import threading
 
-    from nested_learning.attention import _causal_mask_or_none
+    from nested_learning.speed.causal_mask import _causal_mask_or_none
 
     args = dict(batch_size=1, q_length=6, kv_length=6, kv_offset=0, attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]]),
                 allow_is_causal_skip=True)

@@ -9,11 +9,12 @@ import threading
 import pytest
 import torch
 
-from nested_learning import checkpoint as ckpt
-from nested_learning.embedded import build_embedded
-from nested_learning.loss import token_loss_sum
-from nested_learning.trainer import run_training
-from trainkit import adapter_tensors, micro_config, write_data
+from nested_learning.train import checkpoint as ckpt
+from nested_learning.model.embedded import build_embedded
+from nested_learning.train.loss import token_loss_sum
+from nested_learning.train.loop import run_training, train_loop
+from nested_learning.train.setup import build_run
+from conftest import adapter_tensors, micro_config, write_data
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +24,13 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
-    """A finished run plus the in-memory trained model (captured through the loss function)."""
-    seen = {}
-
-    def capture(model, batch):
-        seen["model"] = model
-        return token_loss_sum(model, batch)
-
+    """A finished run plus the in-memory trained model."""
     out = tmp_path_factory.mktemp("run")
     cfg = micro_config(data_dir, out, schedule={"steps": 6}, eval={"every": 3},
                        checkpoint={"every": 2, "keep_last_n": 2}, lora={"r": 4, "alpha": 8, "use_rslora": True})
-    state = run_training(cfg, loss_fn=capture)
-    return state, seen["model"], out
+    run = build_run(cfg)
+    state = train_loop(run)
+    return state, run.model, out
 
 
 def _ids():
@@ -63,13 +59,13 @@ def test_layout_and_listing(trained):
 def test_peft_from_pretrained_reproduces_trained_logits(trained):
     from peft import PeftModel
 
-    from nested_learning.fused_lora import unfuse_lora_groups
+    from nested_learning.speed.lora_groups import unfold_lora_groups
 
     state, trained_model, _ = trained
     model = copy.deepcopy(trained_model).eval()  # the fixture's model stays as trained (folded) for other tests
     with torch.no_grad():
         folded = model(input_ids=_ids()).logits
-        assert unfuse_lora_groups(model) > 0  # trained with model.lora_fold: PEFT's own path for the exact check
+        assert unfold_lora_groups(model) > 0  # trained with speed.lora_fold: PEFT's own path for the exact check
         expected = model(input_ids=_ids()).logits
         torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-6)  # the fold only reorders float32 sums
         base, _ = build_embedded("embedded:micro-llama")
@@ -81,7 +77,7 @@ def test_peft_from_pretrained_reproduces_trained_logits(trained):
 def test_merge_loads_with_automodel(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from nested_learning.merge import merge_adapter
+    from nested_learning.inference.merge import merge_adapter
 
     state, model, _ = trained
     out = merge_adapter(state.last_checkpoint, tmp_path / "merged")
@@ -98,7 +94,7 @@ def test_merge_refuses_non_finite(trained, tmp_path):
 
     from safetensors.torch import save_file
 
-    from nested_learning.merge import merge_adapter
+    from nested_learning.inference.merge import merge_adapter
 
     state, _, _ = trained
     bad = tmp_path / "bad"
@@ -117,7 +113,7 @@ def test_crash_mid_replace_keeps_a_checkpoint(data_dir, tmp_path, monkeypatch):
     cfg = micro_config(data_dir, tmp_path / "run", schedule={"steps": 4}, eval={"every": 0},
                        checkpoint={"save_best": False})
     stop = threading.Event()
-    from trainkit import Recorder
+    from conftest import Recorder
 
     run_training(cfg, [Recorder(stop_at=2, stop_event=stop)], stop)  # last = step 2
     real_replace = os.replace
@@ -145,7 +141,7 @@ def test_crash_mid_replace_keeps_a_checkpoint(data_dir, tmp_path, monkeypatch):
 
 def test_refuses_non_finite_adapter(tmp_path):
     from nested_learning.config import LoraConfig, TrainConfig
-    from nested_learning.model import wrap_lora
+    from nested_learning.model.lora import wrap_lora
 
     base, tok = build_embedded("embedded:micro-llama")
     model = wrap_lora(base, LoraConfig(r=2, alpha=4), seed=0)

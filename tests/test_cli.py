@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from nested_learning.cli import _Signals, main
-from trainkit import write_data
+from conftest import write_data
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,28 @@ def test_bad_inputs_one_message_no_output(case, expect, data_dir, tmp_path, caps
     assert not out.exists()
 
 
+def _greedy_reference(adapter: str | None, prompt: str, n: int) -> str:
+    """Greedy decoding by hand (argmax of the next-token logits, stop at eos), with the adapter loaded by PEFT."""
+    import torch
+    from peft import PeftModel
+
+    from nested_learning.inference.generate import encode_prompt
+    from nested_learning.model.embedded import build_embedded, byte_tokenizer
+
+    tok = byte_tokenizer()
+    base, _ = build_embedded("embedded:micro-llama", seed=0)
+    model = (PeftModel.from_pretrained(base, adapter) if adapter else base).eval()
+    ids = encode_prompt(tok, prompt)  # the prompt as generate encodes it (with the tokenizer's BOS)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+    return tok.decode(out, skip_special_tokens=True)
+
+
 def test_train_resume_eval_generate_merge(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(base_args(data_dir, out, steps=4)) == 0
@@ -107,11 +129,19 @@ def test_train_resume_eval_generate_merge(data_dir, tmp_path, capsys):
     assert tuned["ppl"] == pytest.approx(2.718281828 ** tuned["loss"], rel=1e-6)
 
     assert main(["generate", "--adapter", adapter, "--prompt", "add 1 and 2: ", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
+    greedy = capsys.readouterr().out
+    assert greedy == _greedy_reference(adapter, "add 1 and 2: ", 5) + "\n"  # streamed pieces = argmax decode
+    # The random base model does not stop at once on this prompt, so the comparison covers real decoded bytes.
+    assert main(["generate", "--model", "embedded:micro-llama", "--prompt", "hello", "--max-new-tokens", "6"]) == 0
+    base_greedy = capsys.readouterr().out
+    assert base_greedy == _greedy_reference(None, "hello", 6) + "\n" and len(base_greedy) > 1
     chat = json.dumps([{"role": "user", "content": "hi"}])
-    assert main(["generate", "--adapter", adapter, "--messages", chat, "--max-new-tokens", "3",
-                 "--temperature", "0.8"]) == 0
-    capsys.readouterr()
+    sampled = []
+    for seed in ("0", "0", "1"):
+        assert main(["generate", "--adapter", adapter, "--messages", chat, "--max-new-tokens", "8",
+                     "--temperature", "5", "--seed", seed]) == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling: repeatable, and the seed matters
     assert main(["generate", "--adapter", adapter, "--messages", "[{oops"]) == 2
     assert "--messages: not valid JSON" in capsys.readouterr().err
 

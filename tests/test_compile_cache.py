@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from nested_learning import compile_cache
-from nested_learning.compile_cache import PACKAGE, source_digest, tag_compile_caches
+from nested_learning.speed import compile_cache
+from nested_learning.speed.compile_cache import PACKAGE, source_digest, tag_compile_caches
 
 
 def test_digest_follows_the_source(tmp_path):
@@ -16,7 +16,8 @@ def test_digest_follows_the_source(tmp_path):
     shutil.copytree(PACKAGE, root, ignore=shutil.ignore_patterns("__pycache__"))
     before = source_digest(root)
     assert before == source_digest.__wrapped__(PACKAGE)  # a copy of the same files: the same digest
-    (root / "folded_lora.py").write_text((root / "folded_lora.py").read_text() + "\n# changed\n")
+    fold = root / "speed" / "lora_fold.py"
+    fold.write_text(fold.read_text() + "\n# changed\n")
     assert source_digest.__wrapped__(root) != before
 
 
@@ -35,7 +36,7 @@ def test_tag_keeps_the_users_tag_and_is_idempotent():
 
 SCRIPT = """
 import sys, torch
-from nested_learning import compile_cache
+from nested_learning.speed import compile_cache
 compile_cache.source_digest = lambda root=None: sys.argv[1]
 compile_cache.tag_compile_caches()
 torch.compile(lambda x: (x.sin() * 3 + 1).relu())(torch.randn(17))

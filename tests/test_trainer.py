@@ -10,11 +10,14 @@ import torch
 
 from nested_learning.config import ConfigError, ScheduleConfig
 from nested_learning.data import collate, encode_records, read_jsonl
-from nested_learning.embedded import build_embedded
-from nested_learning.loss import token_loss_sum
-from nested_learning.metrics import read_metrics
-from nested_learning.trainer import TrainingError, accumulate_gradients, lr_lambda, run_training
-from trainkit import Recorder, adapter_tensors, micro_config, write_data
+from nested_learning.model.embedded import build_embedded
+from nested_learning.train.loss import token_loss_sum
+from nested_learning.train.metrics import read_metrics
+from nested_learning.optim.schedule import lr_lambda
+from nested_learning.train.loop import accumulate_gradients, run_training, train_loop
+from nested_learning.train.setup import build_run
+from nested_learning.train.state import TrainingError
+from conftest import Recorder, adapter_tensors, micro_config, write_data
 
 # Obtained by running test_pinned_loss_curve's config once (torch 2.13 CPU); any change to the model, data order,
 # loss, optimizer or schedule moves them.
@@ -76,7 +79,7 @@ def _samples(data_dir, tok, n):
 
 def test_accumulation_four_by_two_equals_one_by_eight(data_dir):
     from nested_learning.config import LoraConfig
-    from nested_learning.model import wrap_lora
+    from nested_learning.model.lora import wrap_lora
 
     base, tok = build_embedded("embedded:micro-llama")
     model = wrap_lora(base, LoraConfig(r=4, alpha=8), seed=0)
@@ -173,16 +176,19 @@ def test_stop_from_another_thread(data_dir, tmp_path):
 
 def test_nan_loss_fails_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     calls = {"n": 0}
+    rec = Recorder()
+    cfg = micro_config(data_dir, tmp_path / "run", checkpoint={"every": 2}, eval={"every": 0})
+    run = build_run(cfg)
+    good_loss = run.loss_fn
 
     def bad_loss(model, batch):
         calls["n"] += 1
-        loss_sum, n = token_loss_sum(model, batch)
+        loss_sum, n = good_loss(model, batch)
         return (loss_sum * float("nan") if calls["n"] == 5 else loss_sum), n
 
-    rec = Recorder()
-    cfg = micro_config(data_dir, tmp_path / "run", checkpoint={"every": 2}, eval={"every": 0})
+    run.loss_fn = bad_loss
     with pytest.raises(TrainingError, match="non-finite loss at step 5"):
-        run_training(cfg, [rec], loss_fn=bad_loss)
+        train_loop(run, [rec])
     assert rec.final["status"] == "failed" and "step 5" in rec.final["error"]
     assert rec.events == ["start", "end"]
     ckpts = tmp_path / "run" / "checkpoints"
@@ -221,12 +227,28 @@ def test_eval_and_state_fields(data_dir, tmp_path):
     assert all({"loss", "lr", "grad_norm", "tokens_per_sec", "tier_updates"} <= r.keys() for r in records if "loss" in r)
 
 
-def test_grad_clip_once_per_step(data_dir, tmp_path):
-    state = run_training(micro_config(data_dir, tmp_path / "run", optim={"max_grad_norm": 1e-3, "grad_accum": 2},
-                                      schedule={"steps": 2}, eval={"every": 0}))
-    norms = [r["grad_norm"] for r in read_metrics(tmp_path / "run") if "loss" in r]
-    assert all(n > 1e-3 for n in norms)  # the reported norm is the accumulated one, before clipping
-    assert state.status == "completed"
+@pytest.mark.parametrize("max_norm", [1e-3, 0.0])
+def test_grad_clip_once_per_step(data_dir, tmp_path, max_norm):
+    """The optimizer sees the gradient accumulated over the step's micro-batches, scaled once to ``max_norm``
+    (clipping each micro-batch, or not at all, would give another norm); 0 disables clipping."""
+    run = build_run(micro_config(data_dir, tmp_path / "run", optim={"max_grad_norm": max_norm, "grad_accum": 2},
+                                 schedule={"steps": 3}, eval={"every": 0}, tiers={"periods": [1]}))
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    seen, step = [], run.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable]))))
+        return step(*args, **kwargs)
+
+    run.optimizer.step = recording_step
+    state = train_loop(run)
+    reported = [r["grad_norm"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert state.status == "completed" and len(seen) == len(reported) == 3
+    if max_norm:
+        assert all(n > 100 * max_norm for n in reported)  # the reported norm is the accumulated one, before clipping
+        assert seen == pytest.approx([max_norm] * 3, rel=1e-4)
+    else:
+        assert seen == pytest.approx(reported, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
@@ -246,7 +268,14 @@ def test_gradient_norm_strategy_and_resume(data_dir, tmp_path):
                        eval={"every": 0})
     stop = threading.Event()
     run_training(cfg, [Recorder(stop_at=3, stop_event=stop)], stop)
-    state = run_training(cfg, resume="auto")
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
+    # The probe ran on the initial adapter, where lora_B = 0 leaves every lora_A without gradient: all lora_A
+    # tensors rank slowest. A new probe on the trained adapter would rank them otherwise.
+    assert {k for n, k in saved["tier_assignment"].items() if "lora_A" in n} == {1}
+    run = build_run(cfg, resume="auto")
+    assert run.tier_assignment == saved["tier_assignment"]
+    assert {n: k for k, g in enumerate(run.optimizer.param_groups) for n in g["param_names"]} == run.tier_assignment
+    state = train_loop(run)
     assert state.status == "completed"
     assert sum(t["num_tensors"] for t in state.tier_stats) == 28  # 2 layers x 7 projections x (A, B)
 

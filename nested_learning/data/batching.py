@@ -31,7 +31,7 @@ class Batch:
     Padded layout (one sample per row): ``attention_mask`` (B, T) marks real tokens, ``position_ids`` are
     0..T-1 in every row, and ``one_sample_per_row`` is True. Padding follows every real token and carries no
     loss, so plain causal attention is exact for every token that matters: the loss functions let attention
-    run with no mask tensor (``nested_learning.attention.causal_rows``).
+    run with no mask tensor (``nested_learning.speed.causal_mask.causal_rows``).
     Packed layout (some row holds several samples): ``attention_mask`` is None and ``position_ids`` restart
     at 0 for each sample (the padding at the end of a row is its own short sequence with labels -100);
     transformers turns this into a block-diagonal causal mask, which it does only when no attention mask and

@@ -123,6 +123,15 @@ def detect_format(records: Sequence[dict], path: str | Path) -> str:
     return fmt
 
 
+def _check_unicode(text: str, where: str, label: str) -> None:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer can encode: name the spot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{where}: {label} holds a lone surrogate (U+{ord(text[exc.start]):04X} at character "
+                        f"{exc.start}), which is not valid Unicode text") from None
+
+
 def _check_record(record: dict, fmt: str, where: str) -> None:
     def need_string(key: str, obj: dict = record, label: str | None = None) -> None:
         label = label or f"`{key}`"
@@ -132,6 +141,7 @@ def _check_record(record: dict, fmt: str, where: str) -> None:
             raise DataError(f"{where}: {label} must be a string, got {_json_type(obj[key])}")
         if not obj[key]:
             raise DataError(f"{where}: {label} is empty")
+        _check_unicode(obj[key], where, label)
 
     if fmt == "text":
         need_string("text")
@@ -227,6 +237,46 @@ def _encode_chat(messages, tokenizer, template, mask_prompt, where) -> tuple[lis
     return ids, labels
 
 
+_CUT_MARGIN = 64  # tokens kept past max_length, so a cut never changes the tokens that survive truncation
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters the longest vocabulary entry can stand for (its spelling is never shorter than its text)."""
+    try:
+        return max(1, max(len(t) for t in tokenizer.get_vocab()))
+    except Exception:  # a tokenizer without a vocabulary listing: assume a generous bound
+        return 256
+
+
+def _cut_long_texts(records: Sequence[dict], fmt: str, tokenizer, max_length: int) -> Sequence[dict]:
+    """Records whose texts are cut to what can matter after truncation to ``max_length`` tokens.
+
+    A token never covers more characters than its vocabulary spelling, so the first ``max_length`` tokens of a
+    text lie within its first ``(max_length + margin) * longest`` characters; the margin keeps the cut's
+    boundary effects past the truncation point. Without the cut, one 30 MB line costs gigabytes of token ids
+    and offsets that truncation then throws away. The records themselves are never modified."""
+    floor = max_length + _CUT_MARGIN
+    keys = {"text": ("text",), "completion": ("prompt", "completion")}.get(fmt, ())
+
+    def texts(r: dict) -> list[str]:
+        if fmt == "chat":
+            return [m["content"] for m in r["messages"]]
+        return [r[k] for k in keys]
+
+    if not any(len(t) > floor for r in records for t in texts(r)):
+        return records
+    limit = floor * _longest_token(tokenizer)
+    out = list(records)
+    for i, r in enumerate(records):
+        if not any(len(t) > limit for t in texts(r)):
+            continue
+        if fmt == "chat":
+            out[i] = {**r, "messages": [{**m, "content": m["content"][:limit]} for m in r["messages"]]}
+        else:
+            out[i] = {**r, **{k: r[k][:limit] for k in keys}}
+    return out
+
+
 def encode_records(
     records: Sequence[dict],
     tokenizer,
@@ -243,6 +293,7 @@ def encode_records(
     for record, where in zip(records, wheres):
         _check_record(record, fmt, where)
 
+    records = _cut_long_texts(records, fmt, tokenizer, max_length)
     pairs: list[tuple[list[int], list[int]]] = []
     if fmt == "chat":
         template = chat_template or getattr(tokenizer, "chat_template", None)

@@ -8,6 +8,10 @@ The parameters stay the same ``nn.Parameter`` objects; only their storage moves 
 Gradients are pre-set views too, so autograd accumulates straight into the flat gradient buffer. If something
 replaces a ``.grad`` (``model.zero_grad(set_to_none=True)``, a hook), :meth:`FlatTier.gather_grads` notices
 and copies it back in, so results never depend on who zeroed the gradients.
+
+A tier is flat only while every parameter has a gradient: torch's optimizers leave a parameter whose ``.grad``
+is ``None`` alone, which one update of the whole buffer cannot do. At such a step the optimizer dissolves the
+layout (:meth:`FlatTier.dissolve`) and updates tensor by tensor; it flattens again while the update counts agree.
 """
 
 from __future__ import annotations
@@ -59,22 +63,34 @@ class FlatTier:
                 self.step.copy_(st["step"])
             st["step"] = self.step
 
+    @staticmethod
+    def steps_agree(params: list[torch.Tensor], state: dict[torch.Tensor, dict[str, Any]]) -> bool:
+        """One flat step counter can stand for these parameters: none has Adam state yet, or all have taken the
+        same number of updates (reads the counters: called once, when a layout is built)."""
+        steps = [state[p]["step"] for p in params if "step" in state.get(p, {})]
+        if not steps:
+            return True
+        return len(steps) == len(params) and len({float(s) for s in steps}) == 1
+
+    def dissolve(self, state: dict[torch.Tensor, dict[str, Any]]) -> None:
+        """Give every parameter its own step counter; its other state stays a view into the buffers."""
+        for p in self.params:
+            state[p]["step"] = self.step.clone()
+
     def gather_grads(self) -> None:
-        """Make sure every ``p.grad`` is our view; copy in gradients that were replaced, zero missing ones."""
+        """Make sure every ``p.grad`` is our view; copy in gradients that were replaced (every parameter has
+        one: see the module docstring)."""
         for p, view in zip(self.params, self.grad_views):
             g = p.grad
-            if g is None:
-                view.zero_()
-            elif g.data_ptr() != view.data_ptr():
+            if g.data_ptr() != view.data_ptr():
                 view.copy_(g)
-            else:
-                continue
-            p.grad = view
+                p.grad = view
 
     def zero_grad(self) -> None:
+        """Zero the gradient buffer; a replaced ``.grad`` points at its view again, a ``None`` one stays None."""
         self.grad.zero_()
         for p, view in zip(self.params, self.grad_views):
-            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
                 p.grad = view
 
     def owns_storage(self) -> bool:

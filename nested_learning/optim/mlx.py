@@ -2,7 +2,7 @@
 
 ``NestedAdamW`` subclasses :class:`mlx.optimizers.Optimizer`, so it drops into mlx-lm's own trainer
 (``optimizer.update(model, grads)``, including inside ``mx.compile``). The semantics are those of
-DESIGN.md "Tier semantics" and of :class:`nested_learning.optim.torch.NestedAdamW`:
+DESIGN.md "Tier semantics" and of :class:`nested_learning.optim.adamw.NestedAdamW`:
 
 - the optimizer counts its own steps ``s = 1, 2, ...`` (``state["step"]``);
 - tier ``k`` (period ``p_k``, ``lr_scale`` ``c_k``) is due at step ``s`` iff ``s % p_k == 0``;

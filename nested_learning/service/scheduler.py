@@ -10,6 +10,7 @@ restarted under it) is watched by its pid until it exits; a job whose worker is 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -67,12 +68,22 @@ def describe_exit(code: int | None) -> str:
     return f"worker exited with code {code} without recording a final status"
 
 
+def is_mlx_job(job: dict) -> bool:
+    """A job whose config says ``backend: mlx``. MLX jobs run one at a time: MLX has one device per machine
+    (one Metal GPU on a Mac), which parallel workers would only share and oversubscribe."""
+    try:
+        return json.loads(job.get("config_json") or "{}").get("backend") == "mlx"
+    except (ValueError, AttributeError):
+        return False
+
+
 @dataclass
 class _Run:
     job_id: str
     slot: str
     pid: int
     proc: subprocess.Popen | None  # None: adopted from a previous server, watched by pid
+    mlx: bool = False
 
 
 class Scheduler:
@@ -117,7 +128,7 @@ class Scheduler:
     def recover(self) -> None:
         for job in self.store.list_jobs("running"):
             if worker_alive(job["worker_pid"], job["id"]):
-                self.runs[job["id"]] = _Run(job["id"], job["gpu"] or "cpu", job["worker_pid"], None)
+                self.runs[job["id"]] = _Run(job["id"], job["gpu"] or "cpu", job["worker_pid"], None, is_mlx_job(job))
             else:
                 self.store.transition(job["id"], ["running"], "interrupted", ended_at=time.time(),
                                       error="the worker was gone when the server started; resume to continue")
@@ -170,10 +181,12 @@ class Scheduler:
             return
         with self._lock:
             busy = {r.slot for r in self.runs.values()}
+            mlx_running = any(r.mlx for r in self.runs.values())
         for slot in self.slots:
             if slot in busy:
                 continue
-            queued = self.store.list_jobs("queued")
+            # The oldest queued job that may start: an MLX job waits while another MLX job runs.
+            queued = [j for j in self.store.list_jobs("queued") if not (mlx_running and is_mlx_job(j))]
             if not queued:
                 return
             job = queued[0]
@@ -182,6 +195,7 @@ class Scheduler:
                                          worker_ready=0):
                 continue  # stopped or deleted in between
             self._spawn(job, slot)
+            mlx_running = mlx_running or is_mlx_job(job)
 
     def _spawn(self, job: dict, slot: str) -> None:
         log_dir = self.workdir / "logs"
@@ -203,5 +217,5 @@ class Scheduler:
                                   ended_at=time.time())
             return
         with self._lock:
-            self.runs[job["id"]] = _Run(job["id"], slot, proc.pid, proc)
+            self.runs[job["id"]] = _Run(job["id"], slot, proc.pid, proc, is_mlx_job(job))
         self.store.update(job["id"], worker_pid=proc.pid, log_path=str(log_path))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from nested_learning.config import TrainConfig
-from nested_learning.embedded import is_embedded
+from nested_learning.model.embedded import is_embedded
 
 PUBLIC_PATHS = {"/v1/healthz", "/login"}
 COOKIE = "nl_token"
@@ -35,6 +35,14 @@ class PathNotAllowed(Exception):
         super().__init__(
             f"{field}: path {value!r} resolves to {resolved}, which is outside the allowed root(s) {shown}"
         )
+
+
+class BadPath(ValueError):
+    """A path that cannot be resolved at all (a NUL byte, too long, a symlink loop): a 422 naming the field."""
+
+    def __init__(self, field: str, value: str, why: str):
+        self.field = field
+        super().__init__(f"{field}: path {value[:200]!r}{'...' if len(value) > 200 else ''} cannot be used: {why}")
 
 
 def is_loopback(host: str) -> bool:
@@ -63,10 +71,16 @@ class PathPolicy:
         self.roots = [Path(r).expanduser().resolve() for r in roots]
 
     def resolve(self, value: str | Path, field: str) -> Path:
-        p = Path(value).expanduser()
-        if not p.is_absolute():
-            p = self.roots[0] / p
-        resolved = p.resolve()  # follows symlinks, folds `..`
+        from nested_learning.config import check_path_text
+
+        try:
+            check_path_text(str(value))
+            p = Path(value).expanduser()
+            if not p.is_absolute():
+                p = self.roots[0] / p
+            resolved = p.resolve()  # follows symlinks, folds `..`
+        except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise BadPath(field, str(value), str(exc)) from None
         if not any(resolved == r or resolved.is_relative_to(r) for r in self.roots):
             raise PathNotAllowed(field, str(value), resolved, self.roots)
         return resolved
@@ -76,9 +90,16 @@ class PathPolicy:
         if is_embedded(name):
             return name
         looks_local = name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
-        if not looks_local and _HUB_ID.match(name) and not (self.roots[0] / name).exists() and not Path(name).exists():
+        if not looks_local and _HUB_ID.match(name) and not _exists(self.roots[0] / name) and not _exists(Path(name)):
             return name  # a hub id: nothing local to guard
         return str(self.resolve(name, field))
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def confine_config(cfg: TrainConfig, policy: PathPolicy, default_output_dir: Path) -> TrainConfig:
@@ -91,6 +112,10 @@ def confine_config(cfg: TrainConfig, policy: PathPolicy, default_output_dir: Pat
     for key in ("dir", "train", "valid"):
         if data["data"][key] is not None:
             data["data"][key] = str(policy.resolve(data["data"][key], f"data.{key}"))
+    data["eval"]["retain"] = {name: str(policy.resolve(path, f"eval.retain.{name}"))
+                              for name, path in cfg.eval.retain.items()}
+    if data["lora"].get("init_adapter"):
+        data["lora"]["init_adapter"] = str(policy.resolve(data["lora"]["init_adapter"], "lora.init_adapter"))
     if "dir" in cfg.output.model_fields_set:
         data["output"]["dir"] = str(policy.resolve(cfg.output.dir, "output.dir"))
     else:

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     gpu TEXT,
     stop_requested INTEGER NOT NULL DEFAULT 0,
     resume INTEGER NOT NULL DEFAULT 0,
-    runs INTEGER NOT NULL DEFAULT 0
+    runs INTEGER NOT NULL DEFAULT 0,
+    owned_json TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE TABLE IF NOT EXISTS metrics (
@@ -53,6 +54,24 @@ CREATE TABLE IF NOT EXISTS metrics (
     json TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS metrics_job ON metrics(job_id, seq);
+"""
+
+# `changed` orders every write to a job row (from any process: server, workers, imports), so a reader can
+# fetch just the rows written since it last looked. Triggers keep it, whoever writes, from a counter that
+# never goes back (max(changed) would, when the newest job is deleted). Without recursive_triggers (SQLite's
+# default) the triggers' own UPDATE does not fire them again.
+_CHANGE_TRACKING = """
+CREATE INDEX IF NOT EXISTS jobs_changed ON jobs(changed);
+CREATE TABLE IF NOT EXISTS job_writes (id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL);
+INSERT OR IGNORE INTO job_writes VALUES (0, (SELECT coalesce(max(changed), 0) FROM jobs));
+CREATE TRIGGER IF NOT EXISTS jobs_changed_insert AFTER INSERT ON jobs BEGIN
+    UPDATE job_writes SET n = n + 1 WHERE id = 0;
+    UPDATE jobs SET changed = (SELECT n FROM job_writes WHERE id = 0) WHERE seq = NEW.seq;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_changed_update AFTER UPDATE ON jobs WHEN NEW.changed = OLD.changed BEGIN
+    UPDATE job_writes SET n = n + 1 WHERE id = 0;
+    UPDATE jobs SET changed = (SELECT n FROM job_writes WHERE id = 0) WHERE seq = NEW.seq;
+END;
 """
 
 # Columns a caller may set through update(); the rest are managed by the methods below.
@@ -84,6 +103,18 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._conn().executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Stores written by older versions gain the newer columns (NULL: unknown for their old rows)."""
+        have = {row["name"] for row in self._conn().execute("PRAGMA table_info(jobs)")}
+        for column, decl in (("owned_json", "TEXT"), ("changed", "INTEGER NOT NULL DEFAULT 0")):
+            if column not in have:
+                try:
+                    self._conn().execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+                except sqlite3.OperationalError:  # another process added it in between
+                    pass
+        self._conn().executescript(_CHANGE_TRACKING)
 
     @property
     def url(self) -> str:
@@ -121,12 +152,15 @@ class SQLiteStore:
             self._local.conn = None
 
     # ---- jobs -----------------------------------------------------------------------------------------------
-    def create_job(self, config_json: str, output_dir: str, name: str | None = None, job_id: str | None = None) -> str:
+    def create_job(self, config_json: str, output_dir: str, name: str | None = None, job_id: str | None = None,
+                   owned: list[str] | None = None) -> str:
+        """``owned``: the paths this job created (its output directory); deleting its files removes these only."""
         job_id = job_id or uuid.uuid4().hex[:12]
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs (id, name, status, config_json, created_at, output_dir) VALUES (?,?,?,?,?,?)",
-                (job_id, name, "queued", config_json, time.time(), output_dir),
+                "INSERT INTO jobs (id, name, status, config_json, created_at, output_dir, owned_json) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (job_id, name, "queued", config_json, time.time(), output_dir, json.dumps(owned or [])),
             )
         return job_id
 
@@ -142,6 +176,24 @@ class SQLiteStore:
             marks = ",".join("?" * len(wanted))
             rows = self._conn().execute(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq", wanted).fetchall()
         return [_job(r) for r in rows]
+
+    def changed_since(self, changed: int) -> list[dict[str, Any]]:
+        """Jobs written after the write numbered ``changed``, oldest write first (each has its ``changed``)."""
+        rows = self._conn().execute("SELECT * FROM jobs WHERE changed > ? ORDER BY changed", (changed,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def job_count(self) -> int:
+        return self._conn().execute("SELECT count(*) FROM jobs").fetchone()[0]
+
+    def job_ids(self) -> set[str]:
+        return {r[0] for r in self._conn().execute("SELECT id FROM jobs")}
+
+    def metric_heads(self, after_seq: int) -> tuple[dict[str, int], int]:
+        """({job id: its newest metrics seq} for jobs with rows after ``after_seq``, the newest seq overall)."""
+        rows = self._conn().execute("SELECT job_id, max(seq) FROM metrics WHERE seq > ? GROUP BY job_id",
+                                    (after_seq,)).fetchall()
+        heads = {r[0]: r[1] for r in rows}
+        return heads, max(heads.values(), default=after_seq)
 
     def update(self, job_id: str, **fields: Any) -> None:
         bad = set(fields) - _UPDATABLE
@@ -172,6 +224,28 @@ class SQLiteStore:
         with self._tx() as db:
             db.execute("DELETE FROM metrics WHERE job_id = ?", (job_id,))
             return db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount == 1
+
+    def add_finished_job(self, config_json: str, output_dir: str, name: str | None, status: str,
+                         state: dict[str, Any], metrics: list[tuple[int, str, dict[str, Any], float]],
+                         created_at: float, ended_at: float, owned: list[str] | None = None) -> str:
+        """A job that ran elsewhere (an imported run), recorded already ended with its metric rows
+        ``(step, kind, data, time)`` in one transaction: no scheduler ever sees it queued."""
+        if status not in FINAL:
+            raise StoreError(f"an imported job must have ended ({', '.join(FINAL)}), not {status!r}")
+        job_id = uuid.uuid4().hex[:12]
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (id, name, status, config_json, created_at, started_at, ended_at, output_dir, "
+                "state_json, owned_json) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (job_id, name, status, config_json, created_at, created_at, ended_at, output_dir,
+                 json.dumps(state, default=_json_default), json.dumps(owned or [])),
+            )
+            db.executemany(
+                "INSERT INTO metrics (job_id, step, kind, time, json) VALUES (?,?,?,?,?)",
+                [(job_id, int(step), kind, t, json.dumps(data, default=_json_default))
+                 for step, kind, data, t in metrics],
+            )
+        return job_id
 
     # ---- metrics --------------------------------------------------------------------------------------------
     def add_metric(self, job_id: str, step: int, kind: str, data: dict[str, Any]) -> None:
@@ -238,4 +312,6 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
     job["worker_ready"] = bool(job["worker_ready"])
     job["resume"] = bool(job["resume"])
     job["state"] = json.loads(job.pop("state_json") or "{}")
+    owned = job.pop("owned_json", None)
+    job["owned"] = None if owned is None else json.loads(owned)
     return job

@@ -86,7 +86,8 @@ class StoreCallback:
             time.sleep(self.step_delay)
 
     def on_eval(self, state: Any) -> None:
-        row = {"val_loss": state.val_loss, "best_val_loss": state.best_val_loss}
+        # eval_metrics: val_loss, val_ppl and, when configured, retain_loss[/<set>] and the exact-match scores
+        row = {**state.eval_metrics(), "best_val_loss": state.best_val_loss}
         self.store.save_progress(self.job_id, self._state(state), (state.step, "eval", row))
 
     def on_checkpoint(self, state: Any, path: Any) -> None:
@@ -113,7 +114,7 @@ def _watch(store, job_id: str, stop: StopSignal, parent: int, poll: float = 0.5)
 
 def _has_checkpoint(output_dir: str) -> bool:
     try:
-        from nested_learning.checkpoint import list_checkpoints
+        from nested_learning.train.checkpoint import list_checkpoints
 
         return bool(list_checkpoints(output_dir))
     except Exception:
@@ -141,7 +142,7 @@ def run_job(db: str, job_id: str) -> int:
             if not _has_checkpoint(cfg.output.dir):
                 # Nothing to resume from: start afresh in the job's own directory (it may hold partial output).
                 cfg.output.overwrite = True
-        from nested_learning.trainer import run_training
+        from nested_learning.train.loop import run_training
 
         delay = float(os.environ.get("NL_WORKER_STEP_DELAY", "0") or 0)
         state = run_training(cfg, [StoreCallback(store, job_id, stop, delay)], stop_event=stop.event, resume=resume)

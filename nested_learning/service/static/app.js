@@ -79,7 +79,7 @@ async function startJob(ev) {
 }
 
 // ---------------------------------------------------------------- job view
-const nl = (window.nl = { job: null, steps: new Map(), charts: {}, source: null, tiers: 0 });
+const nl = (window.nl = { job: null, steps: new Map(), charts: {}, source: null, tiers: 0, retain: [] });
 
 const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];
 
@@ -97,12 +97,18 @@ function makeChart(el, series, yLabel, yValues) {
 
 const TIER_COLORS = ["#2f6fde", "#e0822c", "#2a9d5b", "#b83ac2", "#c9382c", "#5a6b7d"];
 
-function buildCharts(periods) {
+const RETAIN_COLORS = ["#c9382c", "#b83ac2", "#5a6b7d", "#2a9d5b", "#8a6d1f"];
+
+// retainNames: the job's eval.retain sets; each draws its forgetting curve next to the val (learning) curve.
+function buildCharts(periods, retainNames) {
   const nTiers = periods.length;
   nl.tiers = nTiers;
+  nl.retain = retainNames || [];
   nl.charts.loss = makeChart($("#chart-loss"), [
     { label: "train", stroke: "#2f6fde" },
     { label: "val", stroke: "#e0822c", points: { show: true, size: 6 } },
+    ...nl.retain.map((name, i) => ({ label: `retain ${name}`, stroke: RETAIN_COLORS[i % RETAIN_COLORS.length],
+      dash: [6, 4], points: { show: true, size: 5 } })),
   ], "loss");
   nl.charts.lr = makeChart($("#chart-lr"), [{ label: "lr", stroke: "#2a9d5b" }], "lr",
     (u, vals) => vals.map((v) => (v === 0 ? "0" : v.toExponential(2))));
@@ -118,7 +124,8 @@ function redraw() {
     redrawPending = false;
     const steps = [...nl.steps.keys()].sort((a, b) => a - b);
     const col = (fn) => steps.map((s) => { const v = fn(nl.steps.get(s)); return v === undefined ? null : v; });
-    nl.charts.loss.setData([steps, col((r) => r.train_loss), col((r) => r.val_loss)]);
+    nl.charts.loss.setData([steps, col((r) => r.train_loss), col((r) => r.val_loss),
+      ...nl.retain.map((name) => col((r) => (r.retain || {})[name]))]);
     nl.charts.lr.setData([steps, col((r) => r.lr)]);
     nl.charts.tiers.setData([steps, ...Array.from({ length: nl.tiers }, (_, i) => col((r) => (r.tier_updates || [])[i]))]);
   });
@@ -128,7 +135,11 @@ function addMetric(row) {
   if (row.kind === "checkpoint") { refreshCheckpoints(); return; }
   const entry = nl.steps.get(row.step) || {};
   if (row.kind === "train") Object.assign(entry, { train_loss: row.train_loss, lr: row.lr, tier_updates: row.tier_updates });
-  if (row.kind === "eval") entry.val_loss = row.val_loss;
+  if (row.kind === "eval") {
+    entry.val_loss = row.val_loss;
+    // eval rows carry `retain_loss/<name>` per retain set (and `retain_loss`, their mean)
+    entry.retain = Object.fromEntries(nl.retain.map((name) => [name, row[`retain_loss/${name}`]]));
+  }
   nl.steps.set(row.step, entry);
   redraw();
 }
@@ -182,10 +193,15 @@ async function openJob(id) {
   nl.steps = new Map();
   nl.seqs = new Set([0]);
   const job = await api("GET", `/v1/jobs/${id}`);
-  buildCharts(job.config.tiers.periods || []);
+  buildCharts(job.config.tiers.periods || [], Object.keys((job.config.eval || {}).retain || {}));
   showStatus(job);
-  const { metrics } = await api("GET", `/v1/jobs/${id}/metrics`);
-  metrics.forEach((row) => { nl.seqs.add(row.seq); addMetric(row); });
+  // /metrics is paged: follow the cursor to the end of the history.
+  let after = null;
+  do {
+    const page = await api("GET", `/v1/jobs/${id}/metrics?limit=10000${after === null ? "" : `&after=${after}`}`);
+    page.metrics.forEach((row) => { nl.seqs.add(row.seq); addMetric(row); });
+    after = page.next_after;
+  } while (after !== null && after !== undefined);
   refreshCheckpoints();
   refreshLog();
   follow(id);

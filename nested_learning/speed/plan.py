@@ -1,0 +1,159 @@
+"""The speed plan: which levers take effect for this model, device and config, and why the others do not.
+
+``plan_speed`` decides every lever in one place and returns a frozen record; ``apply_speed`` carries it out and
+returns the module the loss calls. The run prints the plan beside the tier plan and writes it to
+``<output>/speed_plan.json``, so nothing about speed is decided silently. Three of its lines for a tiny
+Gemma-2-style model (``docs/speed.md`` shows a whole plan):
+
+    speed plan (cpu):
+      lora_fold                 on   4 groups (gate_proj+up_proj, q_proj+k_proj+v_proj)
+      chunked_loss              off  final_logit_softcapping in the model config
+      compile                   off  CPU runs eager (exact float32)
+
+A lever the user sets that another setting rules out is a config error (``TrainConfig``); a lever left at its
+default simply turns itself off here, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nested_learning.config import TrainConfig
+
+__all__ = ["LEVERS", "Lever", "SpeedPlan", "apply_speed", "plan_speed"]
+
+# In the order they act on a training step; docs/speed.md walks through them in this order.
+LEVERS = (
+    "sdpa_kernels", "skip_causal_mask", "outer_rotary", "lora_fold", "chunked_loss", "loss_chunk_kernel",
+    "compile", "activation_memory_budget", "cuda_graphs",
+)
+
+
+@dataclass(frozen=True)
+class Lever:
+    name: str
+    on: bool
+    note: str  # on: what it applies to; off: why not
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    device: str
+    levers: tuple[Lever, ...]
+    chunk_tokens: int = 0  # the chunked loss's rows per chunk when on
+    chunk_kernel: str = "compile"  # the chunk kernel asked for when on CUDA
+
+    def __getitem__(self, name: str) -> Lever:
+        for lever in self.levers:
+            if lever.name == name:
+                return lever
+        raise KeyError(name)
+
+    def on(self, name: str) -> bool:
+        return self[name].on
+
+    def format(self) -> str:
+        lines = [f"speed plan ({self.device}):"]
+        lines += [f"  {lv.name:<25} {'on ' if lv.on else 'off'}  {lv.note}".rstrip() for lv in self.levers]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "levers": {lv.name: {"on": lv.on, "note": lv.note} for lv in self.levers}}
+
+
+def plan_speed(cfg: TrainConfig, model, device: torch.device) -> SpeedPlan:
+    """Decide every lever for ``model`` (the PEFT-wrapped training model, not yet changed by any lever) on
+    ``device``. Inspects the model; changes nothing."""
+    from nested_learning.speed.causal_mask import causal_sdpa_blocker
+    from nested_learning.speed.chunked_loss import head_blocker
+    from nested_learning.speed.lora_groups import unfused_groups
+    from nested_learning.speed.rotary import rotary_modules
+
+    sp, cuda = cfg.speed, device.type == "cuda"
+    levers: list[Lever] = []
+
+    def add(name: str, on: bool, note: str) -> bool:
+        levers.append(Lever(name, on, note))
+        return on
+
+    def first(*reasons: tuple[bool, str]) -> str | None:
+        return next((why for hit, why in reasons if hit), None)
+
+    # Attention kernels (process-wide).
+    why = first((sp.sdpa_kernels is None, "torch's own set"), (not cuda, "CPU"))
+    add("sdpa_kernels", why is None, why or ", ".join(sp.sdpa_kernels))
+
+    why = first((not sp.skip_causal_mask, "speed.skip_causal_mask is off"), (True, causal_sdpa_blocker(model)))
+    add("skip_causal_mask", why is None, why or "one-sample rows run SDPA's causal kernel, no mask tensor")
+
+    why = first((not sp.outer_rotary, "speed.outer_rotary is off"))
+    count = 0 if why else len(rotary_modules(model))
+    why = why or (None if count else "no standard rotary module with identical tables")
+    add("outer_rotary", why is None, why or f"{count} rotary module{'s' * (count != 1)}")
+
+    found = [names for names, _ in unfused_groups(model)]
+    groups = sorted({"+".join(names) for names in found})
+    why = first((not sp.lora_fold, "speed.lora_fold is off"), (cfg.lora.dropout > 0, "lora.dropout > 0"),
+                (cfg.lora.use_dora, "lora.use_dora"),
+                (cfg.model.gradient_checkpointing, "model.gradient_checkpointing (checkpointed layers cannot trace it)"),
+                (not groups, "no sibling LoRA projections (q/k/v, gate/up) in this model"))
+    add("lora_fold", why is None, why or f"{len(found)} groups ({', '.join(groups)})")
+
+    why = first((sp.loss_chunk_tokens == 0, "speed.loss_chunk_tokens is 0"), (True, head_blocker(model)))
+    chunked = add("chunked_loss", why is None, why or f"{sp.loss_chunk_tokens} tokens per chunk")
+
+    kernel = sp.loss_chunk_kernel
+    if kernel == "triton" and cuda:
+        from nested_learning.speed.ce_kernel import _triton_importable
+
+        if not _triton_importable():
+            kernel = "compile"
+    why = first((not chunked, "chunked_loss is off"), (not cuda, "CPU runs the eager chunk"))
+    note = why or (kernel if kernel == sp.loss_chunk_kernel else f"{kernel} (Triton cannot run here)")
+    add("loss_chunk_kernel", why is None, note)
+
+    why = first((not sp.compile, "speed.compile is off"), (not cuda, "CPU runs eager (exact float32)"))
+    compiled = add("compile", why is None, why or ("the decoder; head + loss run chunked outside the graph"
+                                                     if chunked else "the whole model"))
+
+    why = first((not compiled, "compile is off"), (sp.activation_memory_budget >= 1.0, "1.0 keeps every activation"))
+    add("activation_memory_budget", why is None, why or f"{sp.activation_memory_budget:g} of the activations kept")
+
+    why = first((not compiled, "compile is off"), (not sp.cuda_graphs, "speed.cuda_graphs is off"),
+                (not cfg.data.packing, "data.packing is off (padded batches vary in shape)"),
+                (cfg.optim.grad_accum > 1, "optim.grad_accum > 1 (a replay could overwrite an accumulated gradient)"))
+    add("cuda_graphs", why is None, why or "packed rows padded to data.max_length, one shape")
+
+    order = {name: i for i, name in enumerate(LEVERS)}
+    return SpeedPlan(str(device.type), tuple(sorted(levers, key=lambda lv: order[lv.name])),
+                     chunk_tokens=sp.loss_chunk_tokens if chunked else 0, chunk_kernel=kernel)
+
+
+def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device):
+    """Carry out ``plan`` on ``model`` (in place) and return the module the training loss calls (compiled or not).
+    Call after adapter weights are loaded and before the optimizer is built."""
+    from nested_learning.speed.kernels import apply_kernel_choices
+
+    apply_kernel_choices(cfg.speed.sdpa_kernels, device)  # also restores torch's set after an earlier run
+    if plan.on("skip_causal_mask"):
+        from nested_learning.speed.causal_mask import use_causal_sdpa
+
+        use_causal_sdpa(model)
+    if plan.on("outer_rotary"):
+        from nested_learning.speed.rotary import use_outer_rotary
+
+        use_outer_rotary(model)
+    if plan.on("lora_fold"):
+        from nested_learning.speed.lora_fold import fold_lora_groups
+
+        fold_lora_groups(model)
+    if not plan.on("compile"):
+        return model
+    from nested_learning.speed.compile import compile_model
+
+    return compile_model(model, cuda_graphs=plan.on("cuda_graphs"), memory_budget=cfg.speed.activation_memory_budget,
+                         decoder_only=plan.on("chunked_loss"))
+

@@ -1,0 +1,158 @@
+"""Data-parallel test helpers: start ranks the way torchrun does, and what each rank runs.
+
+``spawn_ranks`` starts ``world`` processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) running ``python tests/distkit.py SPEC.json``. Each rank runs the spec's jobs in order
+(one process pays the imports once for all of them): ``train`` builds and trains a run (``stop_at``: rank 0
+asks for a stop after that step; ``resume``; ``count``: record every ``torch.distributed.all_reduce`` call);
+``copy`` copies a run directory on rank 0. Rank 0 writes its results to ``SPEC.json.out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+# Three tiers of distinct sizes on micro-llama: layer 0 (2048 values), layer 1's attention (896), its MLP (1152).
+TIER_RULES = [["*layers.0.*", 0], ["*self_attn*", 1], ["*", 2]]
+
+
+def case_config(data_dir, out_dir, case: dict[str, Any], batch_size: int):
+    """The micro-llama run of a test case: 8 steps, three tiers by rule, full-logits loss; ``case`` sets tiers.periods,
+    tiers.accumulate, optim.grad_accum, optim.max_grad_norm, optim.flat_buffers, data.packing and
+    distributed.tier_sync."""
+    from conftest import micro_config
+
+    return micro_config(
+        data_dir, out_dir,
+        tiers={"periods": case.get("periods", [1, 2, 4]), "strategy": "rules", "rules": TIER_RULES,
+               "accumulate": case.get("accumulate", "mean")},
+        optim={"batch_size": batch_size, "grad_accum": case.get("grad_accum", 1),
+               "max_grad_norm": case.get("max_grad_norm", 1.0), "flat_buffers": case.get("flat_buffers", True)},
+        schedule={"steps": case.get("steps", 8), "warmup_steps": 0},
+        data={"dir": str(data_dir), "max_length": 64, "packing": case.get("packing", False)},
+        eval={"every": 0}, checkpoint={"save_best": False},
+        speed={"loss_chunk_tokens": 0},  # the full-logits loss: the chunked one is slow on a CPU
+        distributed={"tier_sync": case.get("tier_sync", "deferred"), "timeout_s": 60},
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+def spawn_ranks(argv: list[str], world: int = 2, **extra: str) -> list[subprocess.Popen]:
+    """Start ``python ARGV`` once per rank, as torchrun would (no agent watching them)."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, *argv], env=rank_env(r, world, port, **extra), cwd=HERE.parent,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+
+
+def run_ranks(spec: dict[str, Any], path: Path, world: int = 2, timeout: float = 240) -> dict[str, Any]:
+    """Run ``spec`` on ``world`` ranks; returns rank 0's results (failing with every rank's output). A free port
+    taken by another process before rank 0 binds it is retried once with a new port."""
+    path.write_text(json.dumps(spec))
+    for attempt in (1, 2):
+        procs = spawn_ranks([str(HERE / "distkit.py"), str(path)], world)
+        outputs = []
+        for p in procs:
+            try:
+                outputs.append(p.communicate(timeout=timeout)[0])
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise
+        if not any(p.returncode for p in procs):
+            return json.loads(Path(f"{path}.out").read_text())
+        if attempt == 1 and any("EADDRINUSE" in out or "address already in use" in out.lower() for out in outputs):
+            for job in spec["jobs"]:  # start over
+                for key in ("out", "dst"):
+                    if key in job:
+                        shutil.rmtree(job[key], ignore_errors=True)
+            continue
+        raise AssertionError("\n".join(f"--- rank {r} (exit {p.returncode})\n{out[-4000:]}"
+                                       for r, (p, out) in enumerate(zip(procs, outputs))))
+    raise AssertionError("unreachable")
+
+
+def train_case(cfg, *, stop_at: int | None = None, resume: str | None = None, count: bool = False,
+               sync: str | None = None) -> dict[str, Any]:
+    """Build and train ``cfg``; returns the (step, loss) pairs rank 0 saw, the final state and, with ``count``,
+    the all-reduces of each step as [step, numel, bytes, dtype]. ``sync`` (one process only): train under the
+    data-parallel gradient sync at world 1, the reference the 2-rank rule must equal."""
+    import torch.distributed as dist
+
+    from conftest import Recorder
+    from nested_learning.train.distributed import DistContext
+    from nested_learning.train.grad_sync import GradSync
+    from nested_learning.train.loop import train_loop
+    from nested_learning.train.setup import build_run
+
+    stop = threading.Event()
+    recorder = Recorder(stop_at, stop)
+    calls: list[list] = []
+    marker = {"step": 1}
+
+    class Marker(Recorder):
+        def on_step(self, state):
+            marker["step"] = state.step + 1
+
+    run = build_run(cfg, resume)
+    if sync is not None:
+        run.grad_sync = GradSync(DistContext(), run.optimizer, sync, cfg.optim.max_grad_norm or float("inf"))
+    original = dist.all_reduce
+    if count:
+        def counted(tensor, *args, **kwargs):
+            calls.append([marker["step"], tensor.numel(), tensor.numel() * tensor.element_size(), str(tensor.dtype)])
+            return original(tensor, *args, **kwargs)
+
+        dist.all_reduce = counted
+    try:
+        state = train_loop(run, [recorder, Marker()], stop)
+    finally:
+        dist.all_reduce = original
+    return {"losses": recorder.steps, "status": state.status, "step": state.step, "calls": calls,
+            "tiers": [t["num_params"] for t in state.tier_stats], "last": state.last_checkpoint}
+
+
+def main(spec_path: str) -> None:
+    sys.path.insert(0, str(HERE))
+    import torch
+
+    from nested_learning.train import distributed
+
+    torch.set_num_threads(1)
+    spec = json.loads(Path(spec_path).read_text())
+    ctx = distributed.init_from_env(60)
+    results = {}
+    for job in spec["jobs"]:
+        if job["kind"] == "copy":
+            if ctx.is_main:
+                shutil.copytree(job["src"], job["dst"])
+            continue
+        cfg = case_config(spec["data"], job["out"], job["case"], batch_size=4)
+        results[job["name"]] = train_case(cfg, stop_at=job.get("stop_at"), resume=job.get("resume"),
+                                          count=job.get("count", False))
+    distributed.shutdown()
+    if ctx.is_main:
+        Path(f"{spec_path}.out").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
