@@ -35,7 +35,8 @@ CPU_TAIL = """\
   loss_chunk_kernel         off  {kernel}
   compile                   off  CPU runs eager (exact float32)
   activation_memory_budget  off  compile is off
-  cuda_graphs               off  compile is off"""
+  cuda_graphs               off  compile is off
+  data_parallel             off  one process"""
 
 EXPECTED = {
     "llama": ["on   one-sample rows run SDPA's causal kernel, no mask tensor", "on   1 rotary module",
@@ -80,6 +81,8 @@ def test_cuda_plan_decides_compile_graphs_and_budget(arch):
     assert plan["lora_fold"].on is (arch == "llama")
     padded = plan_speed(TrainConfig(), model, torch.device("cuda"))
     assert padded["cuda_graphs"].note == "data.packing is off (padded batches vary in shape)"
+    ranks = plan_speed(packed, model, torch.device("cuda"), world=2)["data_parallel"]
+    assert ranks.on and ranks.note == "2 ranks; gradients summed each tier at its due steps"
     lean = TrainConfig.model_validate({"speed": {"activation_memory_budget": 1.0}})
     assert plan_speed(lean, model, torch.device("cuda"))["activation_memory_budget"].note == "1.0 keeps every activation"
 

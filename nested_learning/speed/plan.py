@@ -28,7 +28,7 @@ __all__ = ["LEVERS", "Lever", "SpeedPlan", "apply_speed", "plan_speed"]
 # In the order they act on a training step; docs/speed.md walks through them in this order.
 LEVERS = (
     "sdpa_kernels", "skip_causal_mask", "outer_rotary", "lora_fold", "chunked_loss", "loss_chunk_kernel",
-    "compile", "activation_memory_budget", "cuda_graphs",
+    "compile", "activation_memory_budget", "cuda_graphs", "data_parallel",
 )
 
 
@@ -64,9 +64,9 @@ class SpeedPlan:
         return {"device": self.device, "levers": {lv.name: {"on": lv.on, "note": lv.note} for lv in self.levers}}
 
 
-def plan_speed(cfg: TrainConfig, model, device: torch.device) -> SpeedPlan:
+def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) -> SpeedPlan:
     """Decide every lever for ``model`` (the PEFT-wrapped training model, not yet changed by any lever) on
-    ``device``. Inspects the model; changes nothing."""
+    ``device``, in a job of ``world`` data-parallel ranks. Inspects the model; changes nothing."""
     from nested_learning.speed.causal_mask import causal_sdpa_blocker
     from nested_learning.speed.chunked_loss import head_blocker
     from nested_learning.speed.lora_groups import unfused_groups
@@ -126,6 +126,11 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device) -> SpeedPlan:
                 (not cfg.data.packing, "data.packing is off (padded batches vary in shape)"),
                 (cfg.optim.grad_accum > 1, "optim.grad_accum > 1 (a replay could overwrite an accumulated gradient)"))
     add("cuda_graphs", why is None, why or "packed rows padded to data.max_length, one shape")
+
+    # Gradients are summed across ranks after backward, outside every graph, so each lever above acts per rank.
+    tier_sync = ("every tier every step" if cfg.distributed.tier_sync == "every_step"
+                 else "each tier at its due steps")
+    add("data_parallel", world > 1, f"{world} ranks; gradients summed {tier_sync}" if world > 1 else "one process")
 
     order = {name: i for i, name in enumerate(LEVERS)}
     return SpeedPlan(str(device.type), tuple(sorted(levers, key=lambda lv: order[lv.name])),

@@ -258,7 +258,7 @@ def build_run(
 
         load_adapter_into(model, cfg.lora.init_adapter, cfg.lora.r, cfg.lora.alpha, cfg.lora.use_rslora)
 
-    speed = plan_speed(cfg, model, device)
+    speed = plan_speed(cfg, model, device, world=dist.world)
     batch_plan.fixed_width = speed.on("cuda_graphs")  # one batch shape for graph replay
     loss_fn = make_loss_fn(speed.chunk_tokens, speed.chunk_kernel)
     forward_model = apply_speed(speed, model, cfg, device)
