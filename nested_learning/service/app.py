@@ -168,9 +168,11 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ok", "version": __version__, "slots": svc.scheduler.slots}
 
     @app.post("/v1/jobs", status_code=201, response_model=JobCreated, tags=["jobs"], responses=errors(403, 409))
-    def create_job(config: TrainConfig, name: str | None = Query(None, max_length=200)) -> dict[str, Any]:
+    def create_job(config: TrainConfig, name: str | None = Query(None, max_length=200),
+                   devices: int = Query(1, ge=1, le=1024, description="GPUs to train on, data-parallel under "
+                                        "torchrun (CPU ranks on a server without GPUs)")) -> dict[str, Any]:
         """Queue a training job. The body is a TrainConfig, exactly as in a YAML config file."""
-        job = svc.create(config, name=name)
+        job = svc.create(config, name=name, devices=devices)
         return {"id": job["id"], "status": job["status"]}
 
     @app.post("/v1/config/from-yaml", tags=["jobs"])

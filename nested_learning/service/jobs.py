@@ -93,6 +93,7 @@ def job_view(job: dict[str, Any], full: bool = False) -> dict[str, Any]:
         "output_dir": job["output_dir"],
         "model": cfg["model"]["name_or_path"],
         "gpu": job["gpu"],
+        "devices": job.get("devices") or 1,
         "worker_pid": job["worker_pid"],
         "stop_requested": job["stop_requested"],
         "runs": job["runs"],
@@ -239,11 +240,13 @@ class JobService:
             if out.is_relative_to(theirs) or theirs.is_relative_to(out):
                 raise JobError(409, f"{field}: {out} overlaps job {other['id']}'s output directory {theirs}", field)
 
-    def create(self, cfg: TrainConfig, name: str | None = None) -> dict[str, Any]:
+    def create(self, cfg: TrainConfig, name: str | None = None, devices: int = 1) -> dict[str, Any]:
         """Check everything before anything is written (PathNotAllowed → 403, bad data or output → 4xx), then
-        create the output directory, record it as the job's own and queue."""
+        create the output directory, record it as the job's own and queue. ``devices``: GPUs (or, on a server
+        without GPUs, CPU ranks) the job trains on data-parallel."""
         if cfg.model.trust_remote_code and not self.settings.allow_remote_code:
             raise JobError(403, f"model.trust_remote_code: {REMOTE_CODE}", "model.trust_remote_code")
+        self._check_devices(cfg, devices)
         job_id = _new_id()
         confined = confine_config(cfg, self.policy, self.settings.workdir / "jobs" / job_id)
         _check_data(confined)
@@ -254,7 +257,7 @@ class JobService:
         owned = _make_dir(out, "output.dir")
         try:
             self.store.create_job(confined.model_dump_json(), confined.output.dir, name=name, job_id=job_id,
-                                  owned=[str(owned)])
+                                  owned=[str(owned)], devices=devices)
         except BaseException:
             shutil.rmtree(owned, ignore_errors=True)  # empty: made a moment ago
             raise
@@ -262,6 +265,25 @@ class JobService:
         self.views.refresh()
         self.scheduler.wake()
         return job
+
+    def _check_devices(self, cfg: TrainConfig, devices: int) -> None:
+        """A multi-device job runs under torchrun: torch backend only, and no more GPUs than the server has
+        (on a server without GPUs, no more ranks than CPU cores)."""
+        if devices < 1:
+            raise JobError(422, f"devices: {devices} is not a device count (1 or more)", "devices")
+        if devices == 1:
+            return
+        if cfg.backend != "torch":
+            raise JobError(422, f"devices: {devices} devices need backend torch (data-parallel under torchrun), "
+                                f"not {cfg.backend}", "devices")
+        gpus = self.scheduler.gpus
+        if gpus and devices > len(gpus):
+            raise JobError(422, f"devices: {devices} GPUs asked; this server has {len(gpus)} "
+                                f"({', '.join(gpus)})", "devices")
+        cores = os.cpu_count() or 1
+        if not gpus and devices > cores:
+            raise JobError(422, f"devices: {devices} ranks asked; this server has no GPU and {cores} CPU cores",
+                           "devices")
 
     def stop(self, job_id: str) -> dict[str, Any]:
         """Idempotent: a queued job ends ``stopped`` at once; a running one is asked to stop after its step;

@@ -1,7 +1,9 @@
 """Starts queued jobs in worker processes and notices when they end.
 
 One slot per GPU (the worker sees only its own through ``CUDA_VISIBLE_DEVICES``), one slot on a machine with
-none. Jobs start in the order they were queued. A worker that exits while its job still reads ``running``
+none. Jobs start in the order they were queued. A job of ``devices: N`` waits for N free GPUs (later jobs wait
+behind it, so it is never starved) and runs under ``torchrun --standalone --nproc-per-node N``, one rank per GPU;
+on a machine without GPUs it takes the one CPU slot and runs N gloo ranks. A worker that exits while its job still reads ``running``
 died without a word (a crash, SIGKILL, the OOM killer): the job becomes ``failed`` with the exit code or signal.
 
 On start, ``recover()`` looks at every job the store says is running: a worker still alive (the server
@@ -77,10 +79,24 @@ def is_mlx_job(job: dict) -> bool:
         return False
 
 
+def job_devices(job: dict) -> int:
+    return int(job.get("devices") or 1)
+
+
+def worker_command(job: dict, db_url: str) -> list[str]:
+    """The worker's command line: the worker module itself, or torchrun starting one per device. torchrun's
+    own command line names the worker module and the job id too, so ``worker_alive`` recognises it."""
+    worker = ["-m", "nested_learning.service.worker", job["id"], "--db", db_url]
+    n = job_devices(job)
+    if n == 1:
+        return [sys.executable, *worker]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *worker]
+
+
 @dataclass
 class _Run:
     job_id: str
-    slot: str
+    slots: tuple[str, ...]
     pid: int
     proc: subprocess.Popen | None  # None: adopted from a previous server, watched by pid
     mlx: bool = False
@@ -128,19 +144,23 @@ class Scheduler:
     def recover(self) -> None:
         for job in self.store.list_jobs("running"):
             if worker_alive(job["worker_pid"], job["id"]):
-                self.runs[job["id"]] = _Run(job["id"], job["gpu"] or "cpu", job["worker_pid"], None, is_mlx_job(job))
+                slots = tuple(job["gpu"].split(",")) if job["gpu"] else ("cpu",)
+                self.runs[job["id"]] = _Run(job["id"], slots, job["worker_pid"], None, is_mlx_job(job))
             else:
                 self.store.transition(job["id"], ["running"], "interrupted", ended_at=time.time(),
                                       error="the worker was gone when the server started; resume to continue")
 
     def request_stop(self, job_id: str) -> None:
-        """Flag in the store (seen within a poll) and SIGUSR1 to the worker (seen at once)."""
+        """Flag in the store (seen within a poll) and SIGUSR1 to the worker (seen at once). A multi-device job's
+        pid is torchrun's, which SIGUSR1 would kill: its ranks see the flag (every rank polls it; they agree on
+        the stop at the end of a step)."""
         self.store.update(job_id, stop_requested=1)
         with self._lock:
             run = self.runs.get(job_id)
         job = self.store.get_job(job_id)
         # Before its handlers are in place SIGUSR1 would kill the worker; until then the store flag does it.
-        if run is not None and job is not None and job["worker_ready"] and worker_alive(run.pid, job_id):
+        if run is not None and job is not None and job["worker_ready"] and job_devices(job) == 1 \
+                and worker_alive(run.pid, job_id):
             try:
                 os.kill(run.pid, signal.SIGUSR1)
             except OSError:
@@ -180,31 +200,42 @@ class Scheduler:
         if self._halt.is_set():
             return
         with self._lock:
-            busy = {r.slot for r in self.runs.values()}
+            busy = {s for r in self.runs.values() for s in r.slots}
             mlx_running = any(r.mlx for r in self.runs.values())
-        for slot in self.slots:
-            if slot in busy:
-                continue
+        free = [s for s in self.slots if s not in busy]
+        while free:
             # The oldest queued job that may start: an MLX job waits while another MLX job runs.
             queued = [j for j in self.store.list_jobs("queued") if not (mlx_running and is_mlx_job(j))]
             if not queued:
                 return
             job = queued[0]
+            need = job_devices(job) if self.gpus else 1  # without GPUs, N ranks share the one CPU slot
+            if need > len(self.slots):  # queued before the server restarted with fewer GPUs
+                self.store.transition(job["id"], ["queued"], "failed", ended_at=time.time(),
+                                      error=f"devices: {need} GPUs asked; this server has {len(self.slots)}")
+                continue
+            if need > len(free):
+                return  # it waits for enough free GPUs; the jobs behind it wait too, so it is never starved
+            slots = tuple(free[:need])
             if not self.store.transition(job["id"], ["queued"], "running", started_at=time.time(), ended_at=None,
-                                         gpu=None if slot == "cpu" else slot, runs=job["runs"] + 1, error=None,
-                                         worker_ready=0):
+                                         gpu=None if slots == ("cpu",) else ",".join(slots), runs=job["runs"] + 1,
+                                         error=None, worker_ready=0):
                 continue  # stopped or deleted in between
-            self._spawn(job, slot)
+            free = free[need:]
+            self._spawn(job, slots)
             mlx_running = mlx_running or is_mlx_job(job)
 
-    def _spawn(self, job: dict, slot: str) -> None:
+    def _spawn(self, job: dict, slots: tuple[str, ...]) -> None:
         log_dir = self.workdir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{job['id']}.log"
         env = dict(os.environ if self.env is None else self.env)
-        env["CUDA_VISIBLE_DEVICES"] = "" if slot == "cpu" else slot
+        env["CUDA_VISIBLE_DEVICES"] = "" if slots == ("cpu",) else ",".join(slots)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        cmd = [sys.executable, "-m", "nested_learning.service.worker", job["id"], "--db", self.store.url]
+        # Ranks are torchrun's children, not ours: they watch this pid to notice the server going away.
+        env["NL_SERVICE_PID"] = str(os.getpid())
+        cmd = worker_command(job, self.store.url)
+        slot = ",".join(slots)
         try:
             with open(log_path, "ab") as log:
                 log.write(f"=== run {job['runs'] + 1} on {slot} at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
@@ -217,5 +248,5 @@ class Scheduler:
                                   ended_at=time.time())
             return
         with self._lock:
-            self.runs[job["id"]] = _Run(job["id"], slot, proc.pid, proc, is_mlx_job(job))
+            self.runs[job["id"]] = _Run(job["id"], slots, proc.pid, proc, is_mlx_job(job))
         self.store.update(job["id"], worker_pid=proc.pid, log_path=str(log_path))

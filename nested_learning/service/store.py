@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     stop_requested INTEGER NOT NULL DEFAULT 0,
     resume INTEGER NOT NULL DEFAULT 0,
     runs INTEGER NOT NULL DEFAULT 0,
-    owned_json TEXT
+    owned_json TEXT,
+    devices INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE TABLE IF NOT EXISTS metrics (
@@ -108,7 +109,8 @@ class SQLiteStore:
     def _migrate(self) -> None:
         """Stores written by older versions gain the newer columns (NULL: unknown for their old rows)."""
         have = {row["name"] for row in self._conn().execute("PRAGMA table_info(jobs)")}
-        for column, decl in (("owned_json", "TEXT"), ("changed", "INTEGER NOT NULL DEFAULT 0")):
+        for column, decl in (("owned_json", "TEXT"), ("changed", "INTEGER NOT NULL DEFAULT 0"),
+                             ("devices", "INTEGER NOT NULL DEFAULT 1")):
             if column not in have:
                 try:
                     self._conn().execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
@@ -153,14 +155,15 @@ class SQLiteStore:
 
     # ---- jobs -----------------------------------------------------------------------------------------------
     def create_job(self, config_json: str, output_dir: str, name: str | None = None, job_id: str | None = None,
-                   owned: list[str] | None = None) -> str:
-        """``owned``: the paths this job created (its output directory); deleting its files removes these only."""
+                   owned: list[str] | None = None, devices: int = 1) -> str:
+        """``owned``: the paths this job created (its output directory); deleting its files removes these only.
+        ``devices``: how many GPUs (ranks, on a machine without GPUs) the job trains on."""
         job_id = job_id or uuid.uuid4().hex[:12]
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs (id, name, status, config_json, created_at, output_dir, owned_json) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (job_id, name, "queued", config_json, time.time(), output_dir, json.dumps(owned or [])),
+                "INSERT INTO jobs (id, name, status, config_json, created_at, output_dir, owned_json, devices) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, name, "queued", config_json, time.time(), output_dir, json.dumps(owned or []), int(devices)),
             )
         return job_id
 

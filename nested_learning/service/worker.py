@@ -10,6 +10,13 @@ evaluation, and records the final status. Stop arrives three ways, all ending in
   → ``interrupted`` (resumable from the checkpoint just written).
 
 An exception is recorded as ``failed`` with its message; the traceback goes to the job's log.
+
+A job of ``devices: N`` runs as N ranks under ``torchrun`` (the scheduler starts it; ``WORLD_SIZE`` says so).
+Every rank joins the process group and trains its share; the trainer gives the store callback to rank 0 alone,
+so rank 0 writes progress, metrics and the final status. Every rank watches the stop flag and the server (whose
+pid ``NL_SERVICE_PID`` names: torchrun, not the server, is a rank's parent); the trainer agrees on a stop at
+the end of a step. A rank that fails records ``failed`` with its rank and error first (the others then fail in a
+collective, and torchrun ends them all); torchrun passes the server's SIGTERM on to every rank.
 ``NL_WORKER_STEP_DELAY`` (seconds) slows every step down, for demos and tests that must catch a job mid-run.
 """
 
@@ -97,9 +104,22 @@ class StoreCallback:
         self.store.save_progress(self.job_id, self._state(state))
 
 
+def _gone(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
+
+
 def _watch(store, job_id: str, stop: StopSignal, parent: int, poll: float = 0.5) -> None:
+    service = int(os.environ.get("NL_SERVICE_PID") or 0)
     while not stop.event.is_set():
-        if os.getppid() != parent:
+        if os.getppid() != parent or _gone(service):
             stop.set("server")
             return
         try:
@@ -131,11 +151,20 @@ def run_job(db: str, job_id: str) -> int:
     signal.signal(signal.SIGUSR1, lambda *_: stop.set("user"))
     signal.signal(signal.SIGTERM, lambda *_: stop.set("server"))
     signal.signal(signal.SIGINT, lambda *_: stop.set("server"))
-    store.update(job_id, worker_pid=os.getpid(), worker_ready=1)  # the server may signal us from now on
-    print(f"[worker] job {job_id} pid {os.getpid()} run {job['runs']} resume={job['resume']}", flush=True)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        store.update(job_id, worker_pid=os.getpid(), worker_ready=1)  # the server may signal us from now on
+    elif rank == 0:
+        store.update(job_id, worker_ready=1)  # worker_pid stays torchrun's, the process the scheduler watches
+    where = f" rank {rank} of {world}" if world > 1 else ""
+    print(f"[worker] job {job_id}{where} pid {os.getpid()} run {job['runs']} resume={job['resume']}", flush=True)
     threading.Thread(target=_watch, args=(store, job_id, stop, os.getppid()), daemon=True).start()
     try:
         cfg = TrainConfig.model_validate_json(job["config_json"])
+        if world > 1:
+            from nested_learning.train import distributed
+
+            distributed.init_from_env(cfg.distributed.timeout_s, cfg.model.device)
         resume = None
         if job["resume"]:
             resume = "auto"
@@ -149,8 +178,18 @@ def run_job(db: str, job_id: str) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the job record
         traceback.print_exc()
         message = f"{type(exc).__name__}: {exc}".strip()
+        if world > 1 and not message.startswith(f"{type(exc).__name__}: rank "):
+            message = f"rank {rank} of {world}: {message}"
+        # The first rank to fail records its error; the others' (a collective that lost it) find it recorded.
         store.transition(job_id, ["running"], "failed", error=message, ended_at=time.time())
         return 1
+    finally:
+        if world > 1:
+            from nested_learning.train import distributed
+
+            distributed.shutdown()
+    if rank != 0:
+        return 0  # rank 0 records how the job ended
     status = getattr(state, "status", "completed")
     if status == "stopped" and stop.reason == "server":
         status = "interrupted"
