@@ -380,9 +380,11 @@ class OutputConfig(_Section):
 class DistributedConfig(_Section):
     """Data-parallel training under ``torchrun`` (see docs/distributed.md); ignored by a single process."""
 
-    strategy: Literal["ddp"] = Field(
+    strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="`ddp`: every rank holds the whole model and a share of each global batch; gradients "
-        "are summed over ranks with explicit all-reduces (one per tier).",
+        "are summed over ranks with explicit all-reduces (one per tier). `fsdp`: the same, but the frozen base is "
+        "sharded over the ranks (FSDP2, per decoder layer; the output head stays whole), for a base that does not "
+        "fit one GPU; the LoRA adapter stays replicated and is synced as under `ddp`. Turns speed.lora_fold off.",
     )
     tier_sync: Literal["deferred", "every_step"] = Field(
         "deferred", description="`deferred`: a tier of period p > 1 keeps its gradients on each rank and sums them "
@@ -464,6 +466,8 @@ class TrainConfig(_Section):
         if "lora_fold" in asked and sp.lora_fold:
             blockers = [("lora.dropout > 0", self.lora.dropout > 0), ("lora.use_dora", self.lora.use_dora),
                         ("model.gradient_checkpointing", self.model.gradient_checkpointing)]
+            blockers.append(("distributed.strategy fsdp (its [W | S] buffer holds whole frozen weights)",
+                             self.distributed.strategy == "fsdp"))
             out += [f"speed.lora_fold cannot run with {why}" for why, hit in blockers if hit]
         if "loss_chunk_kernel" in asked and sp.loss_chunk_tokens == 0:
             out.append("speed.loss_chunk_kernel needs speed.loss_chunk_tokens > 0")

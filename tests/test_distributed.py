@@ -42,6 +42,11 @@ CASES = {
 # Deferred sync with clipping active: equals one process under the same rule (its norm is the global one).
 CLIPPED = {"mean-clip-deferred": dict(accumulate="mean", tier_sync="deferred", max_grad_norm=CLIP),
            "last-clip-deferred": dict(accumulate="last", tier_sync="deferred", max_grad_norm=CLIP)}
+# distributed.strategy fsdp: the frozen base sharded over the ranks, the adapter synced as under ddp.
+FSDP = {"fsdp-mean-ga2-deferred": dict(accumulate="mean", grad_accum=2, tier_sync="deferred", max_grad_norm=CLIP,
+                                       strategy="fsdp", eval_every=4),  # an evaluation and `best` mid-run
+        "fsdp-chunked-every": dict(tier_sync="every_step", max_grad_norm=CLIP, strategy="fsdp", loss_chunk_tokens=64)}
+FSDP_STOP = FSDP["fsdp-mean-ga2-deferred"]
 COUNTED = ("mean-clip-deferred", "last-clip-deferred", "mean-ga1-every")
 STOP = "mean-ga2-deferred"  # stopped after step 3 (the period-4 tier holds 3 local gradients), then resumed
 
@@ -63,11 +68,13 @@ def one_thread():
 def two_ranks(data, tmp_path_factory) -> tuple[dict, Path]:
     root = tmp_path_factory.mktemp("ranks")
     jobs = [{"kind": "train", "name": name, "out": str(root / name), "case": case, "count": name in COUNTED}
-            for name, case in {**CASES, **CLIPPED}.items()]
+            for name, case in {**CASES, **CLIPPED, **FSDP}.items()]
     jobs += [
         {"kind": "train", "name": "stopped", "out": str(root / "resumed"), "case": CASES[STOP], "stop_at": 3},
         {"kind": "copy", "src": str(root / "resumed"), "dst": str(root / "stopped-copy")},
         {"kind": "train", "name": "resumed", "out": str(root / "resumed"), "case": CASES[STOP], "resume": "auto"},
+        {"kind": "train", "name": "fsdp-stopped", "out": str(root / "fsdp"), "case": FSDP_STOP, "stop_at": 3},
+        {"kind": "train", "name": "fsdp-resumed", "out": str(root / "fsdp"), "case": FSDP_STOP, "resume": "auto"},
     ]
     return run_ranks({"data": str(data), "jobs": jobs}, root / "spec.json"), root
 
@@ -101,6 +108,33 @@ def test_deferred_clipping_uses_the_global_norm_of_what_a_step_applies(two_ranks
         # The rule is not one process's per-step clip of every tier (which every_step reproduces).
         per_step = reference(data, tmp_path / f"{name}-1p", case)
         assert max(abs(a - b) for (_, a), (_, b) in zip(results[name]["losses"], per_step["losses"])) > 1e-4
+
+
+def test_fsdp_shards_the_frozen_base_and_trains_as_one_process(two_ranks, data, tmp_path, one_thread):
+    results, _ = two_ranks
+    for name, case in FSDP.items():
+        got = results[name]
+        assert (got["status"], got["step"]) == ("completed", 8)
+        one = {**case, "strategy": "ddp"}  # one process ignores the strategy; the same tier-sync rule
+        assert_same_run(got, reference(data, tmp_path / name, one, sync=case["tier_sync"]))
+        assert got["plan"]["lora_fold"]["on"] is False and "fsdp" in got["plan"]["lora_fold"]["note"]
+        local, whole, kept = got["frozen_bytes"]  # rank 0's frozen weights; `kept`: the head, whole on every rank
+        assert 0 < kept < whole / 4
+        assert abs((local - kept) - (whole - kept) / 2) <= 0.01 * whole, (local, whole, kept)
+    stopped, resumed = results["fsdp-stopped"], results["fsdp-resumed"]  # the adapter resumes as under ddp
+    assert (stopped["status"], stopped["step"], resumed["status"]) == ("stopped", 3, "completed")
+    assert_same_run({**resumed, "losses": stopped["losses"] + resumed["losses"]}, results["fsdp-mean-ga2-deferred"],
+                    tol=1e-6)
+    for name in CASES:  # ddp keeps the whole base on every rank
+        assert results[name]["frozen_bytes"][0] == results[name]["frozen_bytes"][1]
+
+
+def test_fsdp_refuses_an_explicit_lora_fold(data, tmp_path):
+    from conftest import micro_config
+
+    with pytest.raises(ValueError, match=r"speed.lora_fold cannot run with distributed.strategy fsdp"):
+        micro_config(data, tmp_path, distributed={"strategy": "fsdp"}, speed={"lora_fold": True})
+    assert micro_config(data, tmp_path, distributed={"strategy": "fsdp"}).speed.lora_fold  # the plan turns it off
 
 
 def test_all_reduces_follow_the_tier_schedule(two_ranks):

@@ -17,7 +17,7 @@ default simply turns itself off here, with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -99,6 +99,8 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     why = first((not sp.lora_fold, "speed.lora_fold is off"), (cfg.lora.dropout > 0, "lora.dropout > 0"),
                 (cfg.lora.use_dora, "lora.use_dora"),
                 (cfg.model.gradient_checkpointing, "model.gradient_checkpointing (checkpointed layers cannot trace it)"),
+                (world > 1 and cfg.distributed.strategy == "fsdp",
+                 "distributed.strategy fsdp (the fold's [W | S] buffer holds whole frozen weights)"),
                 (not groups, "no sibling LoRA projections (q/k/v, gate/up) in this model"))
     add("lora_fold", why is None, why or f"{len(found)} groups ({', '.join(groups)})")
 
@@ -130,16 +132,20 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     # Gradients are summed across ranks after backward, outside every graph, so each lever above acts per rank.
     tier_sync = ("every tier every step" if cfg.distributed.tier_sync == "every_step"
                  else "each tier at its due steps")
-    add("data_parallel", world > 1, f"{world} ranks; gradients summed {tier_sync}" if world > 1 else "one process")
+    sharded = ", frozen base sharded (fsdp)" if cfg.distributed.strategy == "fsdp" else ""
+    add("data_parallel", world > 1,
+        f"{world} ranks{sharded}; gradients summed {tier_sync}" if world > 1 else "one process")
 
     order = {name: i for i, name in enumerate(LEVERS)}
     return SpeedPlan(str(device.type), tuple(sorted(levers, key=lambda lv: order[lv.name])),
                      chunk_tokens=sp.loss_chunk_tokens if chunked else 0, chunk_kernel=kernel)
 
 
-def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device):
+def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device,
+                before_compile: Callable[[Any], None] | None = None):
     """Carry out ``plan`` on ``model`` (in place) and return the module the training loss calls (compiled or not).
-    Call after adapter weights are loaded and before the optimizer is built."""
+    Call after adapter weights are loaded and before the optimizer is built. ``before_compile(model)`` runs
+    after the in-place levers, before compiling (FSDP sharding)."""
     from nested_learning.speed.kernels import apply_kernel_choices
 
     apply_kernel_choices(cfg.speed.sdpa_kernels, device)  # also restores torch's set after an earlier run
@@ -155,6 +161,8 @@ def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device):
         from nested_learning.speed.lora_fold import fold_lora_groups
 
         fold_lora_groups(model)
+    if before_compile is not None:
+        before_compile(model)
     if not plan.on("compile"):
         return model
     from nested_learning.speed.compile import compile_model

@@ -261,7 +261,13 @@ def build_run(
     speed = plan_speed(cfg, model, device, world=dist.world)
     batch_plan.fixed_width = speed.on("cuda_graphs")  # one batch shape for graph replay
     loss_fn = make_loss_fn(speed.chunk_tokens, speed.chunk_kernel)
-    forward_model = apply_speed(speed, model, cfg, device)
+    shard = None
+    if dist.active and cfg.distributed.strategy == "fsdp":  # the frozen base sharded over ranks (train/fsdp.py)
+        from nested_learning.train.fsdp import shard_frozen_base
+
+        def shard(m) -> None:
+            shard_frozen_base(m, dist, device)
+    forward_model = apply_speed(speed, model, cfg, device, before_compile=shard)
 
     probe = make_probe(model, iterate_batches(train, batch_plan, tokenizer.pad_token_id), device,
                        cfg.tiers.probe_steps, loss_fn)
