@@ -93,16 +93,22 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, missing: str, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """The JSON object in ``path``; ``error`` names the file (and line) when it is missing (with ``missing`` as
+    the hint), not JSON, or not an object."""
     if not path.is_file():
-        raise AdapterError(f"{path}: not found (an adapter directory holds {CONFIG} and its weights)")
+        raise error(f"{path}: not found ({missing})")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise error(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object")
     return data
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return read_json_object(path, f"an adapter directory holds {CONFIG} and its weights", AdapterError)
 
 
 def _load_tensors(path: Path) -> dict[str, Any]:

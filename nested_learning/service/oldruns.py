@@ -50,16 +50,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _old_config(old: Path) -> dict[str, Any]:
-    path = old / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (an old run folder holds config.json and metrics/)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object (the old start request)")
-    return data
+    from nested_learning.inference.convert import read_json_object
+
+    return read_json_object(old / "config.json", "an old run folder holds config.json and metrics/", ConfigError)
 
 
 def _train_config(old: Path, raw: dict[str, Any], base: str | None, out: Path) -> tuple[TrainConfig, list[str]]:
