@@ -6,6 +6,8 @@
     python bench/peers.py --variants ours,peft_compile --profile prof/   # + kernel-time breakdown per variant
     python bench/peers.py --shapes qwen0.5b --data fixed --variants ours --batch 165   # does the estimate fit?
     python bench/peers.py --shapes llama1b --variants ours,peft_adamw --fit --json f.json   # largest batch, searched
+    PEERS_UNSLOTH_PATH=/tmp/unsloth-site python bench/peers.py --shapes llama1b --data fixed \
+        --variants peft_adamw,peer_unsloth,peer_unsloth_gc     # + the step-by-step loss check against peft_adamw
 
 Every variant runs in its own process (own peak memory, own compile cache state) on the same randomly
 initialised model of a real architecture (shapes below; no download), the same synthetic token data, LoRA
@@ -25,6 +27,9 @@ Variants:
   peft_liger    the same loop with Liger Kernel's RMSNorm / SwiGLU / RoPE / fused linear cross-entropy.
   hf_trainer    transformers.Trainer, optim adamw_torch_fused, bf16, padding to the longest in the batch.
   seed_style    the plain loop with the old app's per-tensor tiered Adam (skipped tiers drop gradients).
+  peer_unsloth  the plain loop on Unsloth's FastLanguageModel (16-bit LoRA, same weights and initial adapter),
+                ``use_gradient_checkpointing=False``; ``peer_unsloth_gc``: ``"unsloth"``, its recommended setting.
+                Needs Unsloth in a folder named by ``PEERS_UNSLOTH_PATH`` and a GPU (``bench/peers_unsloth.py``).
 
 Data: ``fixed`` rows of exactly the sequence length; ``realistic`` lognormal lengths (mean ~300 tokens, capped
 at the sequence length). Plain loops and hf_trainer pad each batch to its longest sample; ours packs.
@@ -49,19 +54,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from peers_fit import fit_table, is_oom, search_fit  # noqa: E402
-from peers_report import add_figures, fmt_row, matmul_peak, read_runs, record, table, write_json  # noqa: E402, F401
+from peers_report import (  # noqa: E402, F401
+    add_figures, fmt_row, loss_agreement, matmul_peak, read_runs, record, table, write_json,
+)
+import peers_unsloth  # noqa: E402
 from peers_setup import (  # noqa: E402
     SHAPES, TARGETS, StepClock, build_base, dims, lora, make_samples, model_config, pad_batch,
 )
 from stepprof import StepProfiler  # noqa: E402
 
-VARIANTS = ["ours", "ours_eager", "peft_adamw", "peft_compile", "peft_liger", "hf_trainer", "seed_style"]
+VARIANTS = ["ours", "ours_eager", "peft_adamw", "peft_compile", "peft_liger", "hf_trainer", "seed_style",
+            *peers_unsloth.VARIANTS]
 LR = 2e-4
 
 
 # ----------------------------------------------------------------------------------------------- variants
 def run_plain(spec: dict, device) -> dict:
-    """peft_adamw / peft_compile / peft_liger / seed_style: the loop most hand-written trainers have."""
+    """peft_adamw / peft_compile / peft_liger / seed_style / peer_unsloth*: the loop most hand-written trainers
+    have."""
     shape, variant = spec["shape"], spec["variant"]
     batch, _ = dims(spec)
     if variant == "peft_liger":
@@ -69,7 +79,10 @@ def run_plain(spec: dict, device) -> dict:
 
         patch = apply_liger_kernel_to_qwen2 if SHAPES[shape][0] == "qwen2" else apply_liger_kernel_to_llama
         patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
-    model = lora(build_base(shape, device))
+    if variant in peers_unsloth.VARIANTS:
+        model = peers_unsloth.build(shape, device, gc=variant == "peer_unsloth_gc")
+    else:
+        model = lora(build_base(shape, device))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if variant == "seed_style":
@@ -108,6 +121,8 @@ def run_plain(spec: dict, device) -> dict:
     out["losses"] = [float(x) for x in torch.stack(losses).float().cpu()]
     out["mem_before_first_step"] = mem_before
     out["n_lora"] = sum(p.numel() for p in params)
+    if hasattr(model, "peers_adapter_from_peft"):
+        out["adapter_from_peft"] = model.peers_adapter_from_peft
     return out
 
 
@@ -235,6 +250,11 @@ def run_ours(spec: dict, device) -> dict:
 
 
 def worker(spec: dict) -> dict:
+    if spec["variant"] in peers_unsloth.VARIANTS:
+        why = peers_unsloth.unavailable()
+        if why:
+            raise SystemExit(f"{spec['variant']}: {why}")
+        peers_unsloth.import_unsloth()  # before transformers and PEFT, which it patches
     device = torch.device("cuda" if torch.cuda.is_available() and not spec.get("cpu") else "cpu")
     torch.manual_seed(0)
     spec["samples"] = make_samples(spec["shape"], spec["data"], spec["n_tokens"])
@@ -296,8 +316,9 @@ def main() -> None:
         if label:
             variant = spec["label"] = f"{variant}@b{batch}"
         t0 = time.perf_counter()
+        own_env = peers_unsloth.worker_env(env) if spec["variant"] in peers_unsloth.VARIANTS else env
         try:
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=own_env,
                                   capture_output=True, text=True, timeout=args.timeout)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             res = json.loads(line[-1][7:]) if line else {"error": (proc.stderr or proc.stdout)[-1500:]}
@@ -318,10 +339,15 @@ def main() -> None:
             for variant in args.variants.split(","):
                 if variant == "ours_check" and setting != "fixed":
                     continue
+                if variant in peers_unsloth.VARIANTS and args.cpu_smoke:
+                    print(f"{variant}: skipped in --cpu-smoke (Unsloth trains on a GPU only)", flush=True)
+                    continue
                 steps = 10 if variant == "ours_check" and not args.cpu_smoke else args.steps
                 launch(shape, setting, variant, batch, args.warmup, steps, label=bool(args.batch))
     print()
     print(table(results))
+    for line in loss_agreement(results):
+        print(line)
 
 
 def search_all(args, results: list, launch, peak: float) -> None:

@@ -119,6 +119,22 @@ def fmt_row(r: dict) -> str:
             f"mfu {f(r.get('mfu'), 3)}  fit_b {r.get('fit_batch', '-')}")
 
 
+def loss_agreement(results: list) -> list[str]:
+    """Same math: per shape and data, the largest step-by-step loss difference of every run that kept its losses
+    (``ours_check``, the Unsloth variants) against ``peft_adamw``'s, over the steps both ran."""
+    base = {(r["shape"], r["data"]): r["losses"] for r in results if r["variant"] == "peft_adamw" and r.get("losses")}
+    lines = []
+    for r in results:
+        ref = base.get((r["shape"], r["data"]))
+        if r["variant"] == "peft_adamw" or not ref or not r.get("losses"):
+            continue
+        n = min(len(ref), len(r["losses"]))
+        diff = max(abs(a - b) for a, b in zip(ref[:n], r["losses"][:n]))
+        lines.append(f"same math: {r['shape']} {r['data']} {r['variant']} vs peft_adamw, {n} steps: "
+                     f"max |loss difference| {diff:.2e} (losses {ref[0]:.4f} -> {ref[n - 1]:.4f})")
+    return lines
+
+
 def table(results: list) -> str:
     lines = ["| shape | data | variant | real tok/s | vs peft_adamw | step ms | opt ms | peak GiB | vs peft_adamw "
              "| MFU | est. max batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -394,6 +394,14 @@ def cmd_convert_adapter(args) -> int:
     return 0
 
 
+def cmd_scale_adapter(args) -> int:
+    from nested_learning.inference.scale import scale_adapter
+
+    out = scale_adapter(args.src, args.dst, args.factor, overwrite=args.overwrite)
+    print(json.dumps({"scaled": str(out), "factor": args.factor}))
+    return 0
+
+
 def cmd_import_run(args) -> int:
     from nested_learning.service.oldruns import import_run
 
@@ -471,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base", help="base model (recorded in the adapter; to mlx: counts the adapted blocks)")
     c.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     c.set_defaults(func=cmd_convert_adapter)
+
+    sc = sub.add_parser("scale-adapter", help="scale an adapter's update toward the base (0 = base, 1 = unchanged): "
+                        "forget less after training, see docs/science.md")
+    sc.add_argument("src", help="adapter directory (either format)")
+    sc.add_argument("dst", help="new adapter directory")
+    sc.add_argument("--factor", type=float, required=True, help="multiplies the update: W + factor * dW")
+    sc.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    sc.set_defaults(func=cmd_scale_adapter)
 
     i = sub.add_parser("import-run", help="import an old app run folder (config.json + metrics/) as a run and a job")
     i.add_argument("old_dir", help="the old run folder, e.g. nested_learning/checkpoints/NAME")

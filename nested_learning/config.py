@@ -116,6 +116,11 @@ class SpeedConfig(_Section):
         0.8, gt=0.0, le=1.0, description="With `compile`: the share of activations the compiled graph keeps for "
         "backward (the rest is recomputed, cheapest first). 1.0 keeps all: a little faster, more memory.",
     )
+    offload_activations: bool = Field(
+        False, description="With `model.gradient_checkpointing`: keep each checkpointed decoder layer's input in "
+        "pinned host memory until backward instead of on the device (a copy each way per layer). Turns CUDA graphs "
+        "off; with `compile`, each decoder layer is compiled instead of the whole decoder.",
+    )
     lora_fold: bool = Field(
         True, description="Fold the LoRA product of projections sharing an input (q/k/v, gate/up) into the frozen "
         "GEMM, `[x | xA] @ [W | sB]^T`. Needs lora.dropout 0, no DoRA, no gradient checkpointing.",
@@ -194,6 +199,11 @@ class DataConfig(_Section):
         return check_path_text(v)
 
 
+class ConsolidateConfig(_Section):
+    every: int = Field(..., ge=1, description="Consolidate every this many optimizer steps.")
+    alpha: float = Field(..., gt=0, le=1, description="Step of the slow copy toward the fast weights (1 = copy).")
+
+
 class TiersConfig(_Section):
     periods: list[int] = Field([1, 4, 16], min_length=1, description="Update period of each tier, fastest first.")
     lr_scales: list[float] | None = Field(None, description="Per-tier learning-rate multipliers (default all 1).")
@@ -210,6 +220,12 @@ class TiersConfig(_Section):
         "mean", description="What a slow tier applies when due: mean, sum or last of its chunk's gradients."
     )
     flush_on_end: bool = Field(True, description="Apply a slow tier's partial chunk at the end of training.")
+    consolidate: ConsolidateConfig | None = Field(
+        None, description="{every: k, alpha: a}: every k steps slow += a*(fast - slow), then fast <- slow (all tiers)."
+    )
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="EMA decay of the adapter weights; eval and saved adapters use the EMA."
+    )
 
     @field_validator("periods")
     @classmethod
@@ -469,6 +485,15 @@ class TrainConfig(_Section):
             blockers.append(("distributed.strategy fsdp (its [W | S] buffer holds whole frozen weights)",
                              self.distributed.strategy == "fsdp"))
             out += [f"speed.lora_fold cannot run with {why}" for why, hit in blockers if hit]
+        if "offload_activations" in asked and sp.offload_activations:
+            if not self.model.gradient_checkpointing:
+                out.append("speed.offload_activations needs model.gradient_checkpointing (only checkpointed layer "
+                           "inputs are offloaded)")
+            if "cuda_graphs" in asked and sp.cuda_graphs:
+                out.append("speed.cuda_graphs cannot run with speed.offload_activations (replayed graphs keep "
+                           "their inputs on the device)")
+            if self.distributed.strategy == "fsdp":
+                out.append("speed.offload_activations cannot run with distributed.strategy fsdp")
         if "loss_chunk_kernel" in asked and sp.loss_chunk_tokens == 0:
             out.append("speed.loss_chunk_kernel needs speed.loss_chunk_tokens > 0")
         if "skip_causal_mask" in asked and sp.skip_causal_mask and self.model.attn_implementation != "sdpa":

@@ -164,3 +164,20 @@ def grouped_copy(arch: str, layout):
     groups = layout(model)
     assert [g.names for g in groups] == [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")] * 2
     return ref, model, groups
+
+
+# ------------------------------------------------------------------------ experiments/forgetting as modules
+def forgetting_module(name: str):
+    """``experiments/forgetting/<name>.py`` imported as a module (its siblings importable while it loads)."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "experiments" / "forgetting"
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.spec_from_file_location(f"forgetting_{name}", root / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(root))

@@ -4,7 +4,9 @@
 MASTER_ADDR, MASTER_PORT) running ``python tests/distkit.py SPEC.json``. Each rank runs the spec's jobs in order
 (one process pays the imports once for all of them): ``train`` builds and trains a run (``stop_at``: rank 0
 asks for a stop after that step; ``resume``; ``count``: record every ``torch.distributed.all_reduce`` call);
-``copy`` copies a run directory on rank 0. Rank 0 writes its results to ``SPEC.json.out``.
+``copy`` copies a run directory on rank 0. Rank 0 writes its results to ``SPEC.json.out``, rank r > 0 to
+``SPEC.json.out.r``; ``cwd`` (one folder per rank) makes each rank start in its own folder, so a relative model
+path can name different files on each rank.
 """
 
 from __future__ import annotations
@@ -28,18 +30,23 @@ TIER_RULES = [["*layers.0.*", 0], ["*self_attn*", 1], ["*", 2]]
 def case_config(data_dir, out_dir, case: dict[str, Any], batch_size: int):
     """The micro-llama run of a test case: 8 steps, three tiers by rule, full-logits loss; ``case`` sets tiers.periods,
     tiers.accumulate, optim.grad_accum, optim.max_grad_norm, optim.flat_buffers, data.packing and
-    distributed.tier_sync and distributed.strategy; ``eval_every`` evaluates (and saves ``best``) every N steps."""
+    distributed.tier_sync and distributed.strategy; ``eval_every`` evaluates (and saves ``best``) every N steps;
+    ``eval`` updates the eval section, ``retain`` names its retain sets' files in the data folder; ``model`` names
+    the base model."""
     from conftest import micro_config
 
     return micro_config(
         data_dir, out_dir,
+        model={"name_or_path": case.get("model", "embedded:micro-llama"), "device": "cpu"},
         tiers={"periods": case.get("periods", [1, 2, 4]), "strategy": "rules", "rules": TIER_RULES,
                "accumulate": case.get("accumulate", "mean")},
         optim={"batch_size": batch_size, "grad_accum": case.get("grad_accum", 1),
                "max_grad_norm": case.get("max_grad_norm", 1.0), "flat_buffers": case.get("flat_buffers", True)},
         schedule={"steps": case.get("steps", 8), "warmup_steps": 0},
         data={"dir": str(data_dir), "max_length": 64, "packing": case.get("packing", False)},
-        eval={"every": case.get("eval_every", 0)}, checkpoint={"save_best": bool(case.get("eval_every"))},
+        eval={"every": case.get("eval_every", 0), **case.get("eval", {}),
+              "retain": {name: str(Path(data_dir) / f) for name, f in case.get("retain", {}).items()}},
+        checkpoint={"save_best": bool(case.get("eval_every"))},
         speed={"loss_chunk_tokens": case.get("loss_chunk_tokens", 0)},  # 0: full logits (chunked is slow on CPU)
         distributed={"tier_sync": case.get("tier_sync", "deferred"), "timeout_s": 60,
                      "strategy": case.get("strategy", "ddp")},
@@ -81,7 +88,9 @@ def run_ranks(spec: dict[str, Any], path: Path, world: int = 2, timeout: float =
                     q.kill()
                 raise
         if not any(p.returncode for p in procs):
-            return json.loads(Path(f"{path}.out").read_text())
+            results = json.loads(Path(f"{path}.out").read_text())
+            results["other_ranks"] = [json.loads(Path(f"{path}.out.{r}").read_text()) for r in range(1, world)]
+            return results
         port_taken = any("EADDRINUSE" in out or "address already in use" in out.lower() for out in outputs)
         # A rank aborted by the C++ runtime ("terminate called without an active exception", SIGABRT) was seen
         # once in about ten runs of this file, never reproduced; it is retried once, loudly, like a taken port.
@@ -99,11 +108,24 @@ def run_ranks(spec: dict[str, Any], path: Path, world: int = 2, timeout: float =
     raise AssertionError("unreachable")
 
 
+def adapter_digest(model) -> str:
+    """A digest of the trainable (LoRA) tensors' values, to compare them across ranks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode() + p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def train_case(cfg, *, stop_at: int | None = None, resume: str | None = None, count: bool = False,
-               sync: str | None = None) -> dict[str, Any]:
-    """Build and train ``cfg``; returns the (step, loss) pairs rank 0 saw, the final state and, with ``count``,
-    the all-reduces of each step as [step, numel, bytes, dtype]. ``sync`` (one process only): train under the
-    data-parallel gradient sync at world 1, the reference the 2-rank rule must equal."""
+               sync: str | None = None, handed: bool = False) -> dict[str, Any]:
+    """Build and train ``cfg``; returns the (step, loss) pairs rank 0 saw, the final state, the eval rows of
+    metrics.jsonl, digests of the adapter as built and as trained, the base bytes this rank read whole (fsdp) and,
+    with ``count``, the all-reduces of each step as [step, numel, bytes, dtype]. ``sync`` (one process only): train
+    under the data-parallel gradient sync at world 1, the reference the 2-rank rule must equal. ``handed``: the
+    base is loaded here and handed to ``build_run`` (``base_model=``)."""
     import torch.distributed as dist
 
     from conftest import Recorder
@@ -122,7 +144,13 @@ def train_case(cfg, *, stop_at: int | None = None, resume: str | None = None, co
         def on_step(self, state):
             marker["step"] = state.step + 1
 
-    run = build_run(cfg, resume)
+    if handed:
+        from nested_learning.model.loading import load_model
+
+        run = build_run(cfg, resume, base_model=load_model(cfg.model))
+    else:
+        run = build_run(cfg, resume)
+    built = adapter_digest(run.model)
     if sync is not None:
         run.grad_sync = GradSync(DistContext(), run.optimizer, sync, cfg.optim.max_grad_norm or float("inf"))
     original = dist.all_reduce
@@ -136,9 +164,14 @@ def train_case(cfg, *, stop_at: int | None = None, resume: str | None = None, co
         state = train_loop(run, [recorder, Marker()], stop)
     finally:
         dist.all_reduce = original
+    metrics = Path(cfg.output.dir) / "metrics.jsonl"
+    evals = [row for row in map(json.loads, metrics.read_text().splitlines()) if "val_loss" in row] \
+        if run.dist.is_main else []
     return {"losses": recorder.steps, "status": state.status, "step": state.step, "calls": calls,
             "tiers": [t["num_params"] for t in state.tier_stats], "last": state.last_checkpoint,
-            "frozen_bytes": list(local_frozen_bytes(run.model)), "plan": run.speed_plan.to_dict()["levers"]}
+            "frozen_bytes": list(local_frozen_bytes(run.model)), "plan": run.speed_plan.to_dict()["levers"],
+            "evals": evals, "adapter_built": built, "adapter_trained": adapter_digest(run.model),
+            "base_bytes_read": run.base_bytes_read}
 
 
 def main(spec_path: str) -> None:
@@ -149,6 +182,8 @@ def main(spec_path: str) -> None:
 
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_path).read_text())
+    if "cwd" in spec:
+        os.chdir(spec["cwd"][int(os.environ["RANK"])])
     ctx = distributed.init_from_env(60)
     results = {}
     for job in spec["jobs"]:
@@ -158,10 +193,9 @@ def main(spec_path: str) -> None:
             continue
         cfg = case_config(spec["data"], job["out"], job["case"], batch_size=4)
         results[job["name"]] = train_case(cfg, stop_at=job.get("stop_at"), resume=job.get("resume"),
-                                          count=job.get("count", False))
+                                          count=job.get("count", False), handed=job.get("handed", False))
     distributed.shutdown()
-    if ctx.is_main:
-        Path(f"{spec_path}.out").write_text(json.dumps(results))
+    Path(f"{spec_path}.out" + ("" if ctx.is_main else f".{ctx.rank}")).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import torch
 
 from nested_learning.train import checkpoint as ckpt
 from nested_learning.model.embedded import build_embedded
-from nested_learning.train.loss import token_loss_sum
 from nested_learning.train.loop import run_training, train_loop
 from nested_learning.train.setup import build_run
 from conftest import adapter_tensors, micro_config, write_data

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -67,7 +68,18 @@ def test_dashboard_start_watch_stop(tmp_path):
             page.fill(f"{form} input[name=periods]", "1, 2, 4")
             page.fill(f"{form} input[name=eval_every]", "4")
             page.fill(f"{form} input[name=rank]", "4")
-            page.click("#start-btn")
+            # The GPUs field reaches the API as ?devices=N: more than the server has is refused, naming it.
+            page.fill(f"{form} input[name=devices]", "1024")
+            with page.expect_request(lambda r: r.method == "POST" and "/v1/jobs?" in r.url) as refused:
+                page.click("#start-btn")
+            assert parse_qs(urlsplit(refused.value.url).query)["devices"] == ["1024"]
+            page.wait_for_selector("#form-error:not([hidden])")
+            assert "devices: 1024" in page.text_content("#form-error")
+            page.fill(f"{form} input[name=devices]", "1")
+            with page.expect_request(lambda r: r.method == "POST" and "/v1/jobs?" in r.url) as started:
+                page.click("#start-btn")
+            query = parse_qs(urlsplit(started.value.url).query)
+            assert query["devices"] == ["1"] and query["name"] == ["browser-demo"]
 
             page.wait_for_url("**/#/jobs/*")
             job_id = page.url.rsplit("/", 1)[-1]
@@ -83,6 +95,7 @@ def test_dashboard_start_watch_stop(tmp_path):
             steps = page.evaluate("window.nl.charts.loss.data[0]")
             assert steps == sorted(steps) and steps[0] == 1
             assert page.text_content("#s-tps") not in ("", "–") and page.text_content("#s-eta") not in ("", "–")
+            assert page.text_content("#s-devices") == "1"  # one device: a server without GPUs names none
             shot = SCREENSHOT if os.environ.get("NL_UPDATE_SCREENSHOTS") == "1" else tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
@@ -99,6 +112,7 @@ def test_dashboard_start_watch_stop(tmp_path):
             browser.close()
         job = srv.client().get(f"/v1/jobs/{job_id}").json()
         assert job["status"] == "stopped" and job["name"] == "browser-demo" and 24 <= job["step"] < 400
+        assert job["devices"] == 1
     finally:
         srv.stop()
         kill_workers(work)

@@ -26,8 +26,10 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux" or not torch.distributed
 
 CLIP = 0.3  # below micro-llama's first gradient norms (0.3-0.5): clipping is active
 # name -> case: 2 ranks x batch 4 must equal 1 process x batch 8 (see distkit.case_config for the fields).
+# Evaluation in 3 batches (valid: 8 samples; one rank runs a filler) and 14 (the retain set), with exact match.
+EVAL = dict(eval={"batch_size": 3, "metric": "exact_match"}, retain={"seen": "train.jsonl"})
 CASES = {
-    "p111-ga1-deferred": dict(periods=[1, 1, 1], grad_accum=1, tier_sync="deferred", max_grad_norm=CLIP),
+    "p111-ga1-deferred": dict(periods=[1, 1, 1], grad_accum=1, tier_sync="deferred", max_grad_norm=CLIP, **EVAL),
     "p111-ga2-every": dict(periods=[1, 1, 1], grad_accum=2, tier_sync="every_step", max_grad_norm=CLIP),
     "mean-ga1-every": dict(accumulate="mean", grad_accum=1, tier_sync="every_step", max_grad_norm=CLIP),
     # 6 steps: the period-4 tier ends with 2 gradients pending, summed over ranks by the final flush
@@ -44,9 +46,11 @@ CLIPPED = {"mean-clip-deferred": dict(accumulate="mean", tier_sync="deferred", m
            "last-clip-deferred": dict(accumulate="last", tier_sync="deferred", max_grad_norm=CLIP)}
 # distributed.strategy fsdp: the frozen base sharded over the ranks, the adapter synced as under ddp.
 FSDP = {"fsdp-mean-ga2-deferred": dict(accumulate="mean", grad_accum=2, tier_sync="deferred", max_grad_norm=CLIP,
-                                       strategy="fsdp", eval_every=4),  # an evaluation and `best` mid-run
+                                       strategy="fsdp", eval_every=4, **EVAL),  # an evaluation and `best` mid-run
         "fsdp-chunked-every": dict(tier_sync="every_step", max_grad_norm=CLIP, strategy="fsdp", loss_chunk_tokens=64)}
 FSDP_STOP = FSDP["fsdp-mean-ga2-deferred"]
+# fsdp from a model folder (tied embeddings): `./model` has the weights in rank 0's folder only.
+FSDP_DIR = dict(tier_sync="every_step", max_grad_norm=CLIP, strategy="fsdp", model="./model", steps=4)
 COUNTED = ("mean-clip-deferred", "last-clip-deferred", "mean-ga1-every")
 STOP = "mean-ga2-deferred"  # stopped after step 3 (the period-4 tier holds 3 local gradients), then resumed
 
@@ -75,8 +79,25 @@ def two_ranks(data, tmp_path_factory) -> tuple[dict, Path]:
         {"kind": "train", "name": "resumed", "out": str(root / "resumed"), "case": CASES[STOP], "resume": "auto"},
         {"kind": "train", "name": "fsdp-stopped", "out": str(root / "fsdp"), "case": FSDP_STOP, "stop_at": 3},
         {"kind": "train", "name": "fsdp-resumed", "out": str(root / "fsdp"), "case": FSDP_STOP, "resume": "auto"},
+        {"kind": "train", "name": "fsdp-dir", "out": str(root / "fsdp-dir"), "case": FSDP_DIR},
+        {"kind": "train", "name": "fsdp-handed", "out": str(root / "fsdp-handed"), "case": FSDP["fsdp-chunked-every"],
+         "handed": True},
     ]
-    return run_ranks({"data": str(data), "jobs": jobs}, root / "spec.json"), root
+    _model_folders(root)
+    spec = {"data": str(data), "jobs": jobs, "cwd": [str(root / "rank0"), str(root / "rank1")]}
+    return run_ranks(spec, root / "spec.json"), root
+
+
+def _model_folders(root: Path) -> None:
+    """micro-llama with tied embeddings saved as a model folder in rank0/model; rank1/model lacks its weights."""
+    import shutil
+
+    from nested_learning.model.embedded import build_embedded
+
+    model, tokenizer = build_embedded("embedded:micro-llama", seed=0, tie_word_embeddings=True)
+    model.save_pretrained(root / "rank0" / "model")
+    tokenizer.save_pretrained(root / "rank0" / "model")
+    shutil.copytree(root / "rank0" / "model", root / "rank1" / "model", ignore=shutil.ignore_patterns("*.safetensors"))
 
 
 def reference(data, out, case, **kwargs) -> dict:
@@ -87,6 +108,11 @@ def assert_same_run(got: dict, want: dict, tol: float = 1e-5) -> None:
     assert [s for s, _ in got["losses"]] == [s for s, _ in want["losses"]]
     for (step, a), (_, b) in zip(got["losses"], want["losses"]):
         assert abs(a - b) <= tol, (step, a, b)
+    # evaluation rows (the ranks share the batches): the numbers of one process
+    assert [row.keys() for row in got["evals"]] == [row.keys() for row in want["evals"]] and want["evals"]
+    for row, ref in zip(got["evals"], want["evals"]):
+        for key, value in ref.items():
+            assert math.isclose(row[key], value, rel_tol=tol, abs_tol=tol), (key, row[key], value)
     a, b = adapter_tensors(got["last"]), adapter_tensors(want["last"])
     assert a.keys() == b.keys()
     for key in a:
@@ -113,20 +139,66 @@ def test_deferred_clipping_uses_the_global_norm_of_what_a_step_applies(two_ranks
 def test_fsdp_shards_the_frozen_base_and_trains_as_one_process(two_ranks, data, tmp_path, one_thread):
     results, _ = two_ranks
     for name, case in FSDP.items():
-        got = results[name]
+        got, other = results[name], results["other_ranks"][0][name]
         assert (got["status"], got["step"]) == ("completed", 8)
         one = {**case, "strategy": "ddp"}  # one process ignores the strategy; the same tier-sync rule
-        assert_same_run(got, reference(data, tmp_path / name, one, sync=case["tier_sync"]))
+        want = reference(data, tmp_path / name, one, sync=case["tier_sync"])
+        assert_same_run(got, want)
+        # the adapter every rank built is the one a single process starts from, and the ranks stay equal
+        assert got["adapter_built"] == other["adapter_built"] == want["adapter_built"]
+        assert got["adapter_trained"] == other["adapter_trained"]
         assert got["plan"]["lora_fold"]["on"] is False and "fsdp" in got["plan"]["lora_fold"]["note"]
-        local, whole, kept = got["frozen_bytes"]  # rank 0's frozen weights; `kept`: the head, whole on every rank
-        assert 0 < kept < whole / 4
-        assert abs((local - kept) - (whole - kept) / 2) <= 0.01 * whole, (local, whole, kept)
+        for rank in (got, other):
+            local, whole, kept = rank["frozen_bytes"]  # `kept`: the head, whole on every rank
+            assert 0 < kept < whole / 4
+            assert abs((local - kept) - (whole - kept) / 2) <= 0.01 * whole, (local, whole, kept)
+        # rank 0 alone read the base (its weights and buffers); rank 1 built a meta skeleton and got its shards
+        assert whole <= got["base_bytes_read"] <= 1.01 * whole and other["base_bytes_read"] == 0
+    # a base handed to build_run whole on every rank is sharded in place: the same run
+    handed = results["fsdp-handed"]
+    assert_same_run(handed, results["fsdp-chunked-every"], tol=0)
+    assert handed["base_bytes_read"] is None and handed["frozen_bytes"] == results["fsdp-chunked-every"]["frozen_bytes"]
     stopped, resumed = results["fsdp-stopped"], results["fsdp-resumed"]  # the adapter resumes as under ddp
     assert (stopped["status"], stopped["step"], resumed["status"]) == ("stopped", 3, "completed")
     assert_same_run({**resumed, "losses": stopped["losses"] + resumed["losses"]}, results["fsdp-mean-ga2-deferred"],
                     tol=1e-6)
     for name in CASES:  # ddp keeps the whole base on every rank
         assert results[name]["frozen_bytes"][0] == results[name]["frozen_bytes"][1]
+
+
+def test_fsdp_loads_a_model_folder_on_rank_0_alone(two_ranks, data, tmp_path, one_thread):
+    """``./model`` holds the weights in rank 0's folder only: rank 1 never reads them (it could not), yet trains
+    as one process does, tied embeddings included."""
+    results, root = two_ranks
+    got, other = results["fsdp-dir"], results["other_ranks"][0]["fsdp-dir"]
+    assert not list((root / "rank1" / "model").glob("*.safetensors"))
+    assert (got["status"], got["step"]) == ("completed", 4)
+    want = reference(data, tmp_path / "dir", {**FSDP_DIR, "strategy": "ddp", "model": str(root / "rank0" / "model")},
+                     sync="every_step")
+    assert_same_run(got, want)
+    assert got["adapter_built"] == other["adapter_built"] == want["adapter_built"]
+    assert got["adapter_trained"] == other["adapter_trained"]
+    local, whole, kept = other["frozen_bytes"]
+    assert abs((local - kept) - (whole - kept) / 2) <= 0.01 * whole and other["base_bytes_read"] == 0
+    assert got["base_bytes_read"] >= whole
+
+
+def test_evaluation_batches_are_shared_by_the_ranks():
+    """Each batch is scored on one rank exactly once; every rank runs the same number of forwards."""
+    from nested_learning.data.records import Sample
+    from nested_learning.train.distributed import DistContext
+    from nested_learning.train.evaluate import _batches
+
+    samples = [Sample(list(range(1, n + 2)), list(range(1, n + 2))) for n in range(11)]  # row k: k + 1 tokens
+    for batch_size, max_batches, world in ((3, None, 2), (3, None, 3), (2, 5, 2), (4, None, 4), (8, None, 3)):
+        want = min(-(-11 // batch_size), max_batches or 99)
+        per_rank = [list(_batches(samples, 0, batch_size, max_batches, "cpu", DistContext(rank=r, world=world)))
+                    for r in range(world)]
+        assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == -(-want // world)
+        # batches told apart by their token counts (all different here)
+        scored = sorted(int(b.num_tokens) for rank in per_rank for b, counts in rank if counts)
+        whole = sorted(int(b.num_tokens) for b, _ in _batches(samples, 0, batch_size, max_batches, "cpu"))
+        assert scored == whole and len(whole) == want
 
 
 def test_fsdp_refuses_an_explicit_lora_fold(data, tmp_path):
@@ -153,9 +225,12 @@ def test_all_reduces_follow_the_tier_schedule(two_ranks):
             assert [c[1:3] for c in floats if c[0] == step] == [[n, 4 * n] for n in want + [2]], (name, step)
         per_tier = [sum(1 for c in floats if c[1] == n) for n in sizes]
         assert per_tier == ([8, 8, 8] if "every" in name else [8, 4, 2])
+        # the final evaluation: one sum over ranks of (loss, tokens, batches)
+        evals = [c for c in res["calls"] if c[3] == "torch.float64"]
+        assert evals == [[9, 3, 24, "torch.float64"]]
         # nothing else but one host-side stop agreement per step (micro-batches never communicate)
-        assert len(res["calls"]) - len(floats) == 8 and {c[3] for c in res["calls"]} == {"torch.float32",
-                                                                                          "torch.int64"}
+        assert len(res["calls"]) - len(floats) - len(evals) == 8
+        assert {c[3] for c in res["calls"]} == {"torch.float32", "torch.int64", "torch.float64"}
 
 
 def test_stop_and_resume_across_ranks_and_on_one_rank(two_ranks, data, tmp_path, one_thread):

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1] / "experiments" / "forgetting"
-
-
-def _module(name: str):
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec = importlib.util.spec_from_file_location(f"forgetting_{name}", ROOT / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT))
+from conftest import forgetting_module
 
 
 def test_reduced_benchmark_runs_every_kind_of_arm_and_reports(tmp_path, capsys):
-    bench, report = _module("bench"), _module("report")
+    bench, report = forgetting_module("bench"), forgetting_module("report")
     arms = ["flat lr=0.01", "interp a=0.5 lr=0.01", "tiers mean [1,4,16] lr=0.003"]
     args = ["--out", str(tmp_path / "out"), "--seeds", "0", "1", "--steps", "3", "--pretrain-steps", "4",
             "--facts", "6", "--arms", *arms]
@@ -55,7 +41,7 @@ def test_reduced_benchmark_runs_every_kind_of_arm_and_reports(tmp_path, capsys):
 
 
 def test_front_value_interpolates_between_pareto_points():
-    report = _module("report")
+    report = forgetting_module("report")
     pts = [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0), (0.2, 0.1)]  # the last point is dominated
     assert report.front_value(pts, 0.25) == pytest.approx(0.75)
     assert report.front_value(pts, -1.0) == 1.0 and report.front_value(pts, 2.0) == 0.0

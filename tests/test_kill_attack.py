@@ -15,7 +15,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 
 from nested_learning.train import checkpoint as ckpt

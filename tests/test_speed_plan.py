@@ -35,6 +35,7 @@ CPU_TAIL = """\
   loss_chunk_kernel         off  {kernel}
   compile                   off  CPU runs eager (exact float32)
   activation_memory_budget  off  compile is off
+  offload_activations       off  speed.offload_activations is off
   cuda_graphs               off  compile is off
   data_parallel             off  one process"""
 

@@ -46,10 +46,10 @@ MODEL = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_att
              max_position_embeddings=64)
 
 # Each arm: the LoRA stages' lr, rank, tiers (see ``stage_config``), and ``alpha`` (adapter interpolation).
-# Controls: flat LoRA (one tier, period 1) at seven learning rates, at three ranks, and interpolated back toward
+# Controls: flat LoRA (one tier, period 1) at nine learning rates, at three ranks, and interpolated back toward
 # each stage's start. Tier arms: each tier configuration at four learning rates, so each traces its own curve
 # (a slow tier takes fewer steps, which alone acts like a lower learning rate).
-LRS = (1e-4, 3e-4, 5e-4, 1e-3, 2e-3, 3e-3, 1e-2)
+LRS = (1e-4, 3e-4, 5e-4, 7e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 1e-2)
 TIER_LRS = (1e-3, 2e-3, 3e-3, 1e-2)
 FLAT = {"periods": [1]}
 TIER_CONFIGS: dict[str, dict[str, Any]] = {
@@ -64,14 +64,31 @@ TIER_CONFIGS: dict[str, dict[str, Any]] = {
     "mean [1,64]": {"periods": [1, 64]},
     "mean [1,4,16] lr_scales [1,.5,.25]": {"periods": [1, 4, 16], "lr_scales": [1.0, 0.5, 0.25]},
 }
+# Slow weights fed by fast ones (tiers.consolidate, tiers.ema; docs/tiers.md), on flat LoRA and on tiers.
+AVERAGE_CONFIGS: dict[str, dict[str, Any]] = {
+    "consolidate k=16 a=.5": {"periods": [1], "consolidate": {"every": 16, "alpha": 0.5}},
+    "consolidate k=8 a=.25": {"periods": [1], "consolidate": {"every": 8, "alpha": 0.25}},
+    "ema .99": {"periods": [1], "ema": 0.99},
+    "ema .995": {"periods": [1], "ema": 0.995},
+    "tiers mean [1,4,16] + consolidate k=16 a=.5": {"periods": [1, 4, 16], "consolidate": {"every": 16, "alpha": 0.5}},
+}
 ARMS: dict[str, dict[str, Any]] = {
     **{f"flat lr={lr:g}": {"kind": "control", "family": "lr", "lr": lr, "tiers": FLAT} for lr in LRS},
     **{f"flat r={r} lr=0.003": {"kind": "control", "family": "rank", "lr": 3e-3, "r": r, "tiers": FLAT}
        for r in (2, 32)},
     **{f"interp a={a:g} lr=0.01": {"kind": "control", "family": "interp", "lr": 1e-2, "alpha": a, "tiers": FLAT}
        for a in (0.25, 0.5, 0.75)},
+    # where the slow-weight arms below sit: interpolation from a lower learning rate too
+    **{f"interp a={a:g} lr=0.002": {"kind": "control", "family": "interp lr=0.002", "lr": 2e-3, "alpha": a,
+                                    "tiers": FLAT} for a in (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)},
+    **{f"interp a={a:g} lr=0.003": {"kind": "control", "family": "interp lr=0.003", "lr": 3e-3, "alpha": a,
+                                    "tiers": FLAT} for a in (0.625, 0.75, 0.875)},
     **{f"tiers {name} lr={lr:g}": {"kind": "tier", "family": name, "lr": lr, "tiers": tiers}
        for name, tiers in TIER_CONFIGS.items() for lr in TIER_LRS},
+    **{f"{name} lr={lr:g}": {"kind": "tier", "family": name, "lr": lr, "tiers": tiers}
+       for name, tiers in AVERAGE_CONFIGS.items() for lr in TIER_LRS},
+    # the EMA lags: a larger learning rate reaches further into learning
+    "ema .99 lr=0.03": {"kind": "tier", "family": "ema .99", "lr": 3e-2, "tiers": AVERAGE_CONFIGS["ema .99"]},
 }
 
 

@@ -70,12 +70,12 @@ def front_value(points: list[tuple[float, float]], x: float) -> float:
     return pareto[0][1]  # left of every Pareto point: the control that retains most
 
 
-def margins(arms: dict[str, list[dict]], seeds: list[int], plane: str, kind: str = "tier"
-            ) -> dict[str, tuple[float, float]]:
+def margins(arms: dict[str, list[dict]], seeds: list[int], plane: str, kind: str = "tier",
+            planes: dict[str, tuple[str, str, float]] = PLANES) -> dict[str, tuple[float, float]]:
     """Per arm of ``kind``: mean and 95% half-width over seeds of (its y) - (the controls' front at its x).
     A control is measured against the other controls (leave one out): how far a point can sit off the front
     drawn through its neighbours, the yardstick for a tier arm's margin."""
-    xk, yk, sign = PLANES[plane]
+    xk, yk, sign = planes[plane]
     controls = [a for a, rs in arms.items() if rs[0]["kind"] == "control"]
     out = {}
     for arm, rs in arms.items():
@@ -106,7 +106,8 @@ def table(arms: dict[str, list[dict]]) -> str:
 
 
 def verdict(arms: dict[str, list[dict]], seeds: list[int]) -> str:
-    lines = ["| tier arm | margin over the control front, exact match (retain A) | margin, loss (retain loss A) |",
+    lines = ["| tier or slow-weight arm | margin over the control front, exact match (retain A) | margin, loss "
+             "(retain loss A) |",
              "|---|---|---|"]
     em, loss = margins(arms, seeds, "exact match"), margins(arms, seeds, "loss")
     for arm in em:
@@ -117,7 +118,7 @@ def verdict(arms: dict[str, list[dict]], seeds: list[int]) -> str:
     lines += [f"| {arm} | {fmt(*loo_em[arm])} | {fmt(*loo_loss[arm])} |" for arm in loo_em]
     wins = [a for a in em if em[a][0] - em[a][1] > 0 or loss[a][0] - loss[a][1] > 0]
     best = max(em, key=lambda a: em[a][0])
-    lines += ["", f"Tier arms whose margin's 95% interval lies above zero in either plane: "
+    lines += ["", f"Tier and slow-weight arms whose margin's 95% interval lies above zero in either plane: "
               f"{', '.join(wins) if wins else 'none'}. Largest mean exact-match margin: {best} "
               f"({fmt(*em[best])})."]
     return "\n".join(lines)
@@ -130,8 +131,10 @@ def figure(arms: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    controls = {"lr": "#000000", "rank": "#1f77b4", "interp": "#2ca02c"}
-    tier_colors = ["#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f"]
+    controls = {"lr": "#000000", "rank": "#1f77b4", "interp": "#2ca02c", "interp lr=0.002": "#98df8a",
+                "interp lr=0.003": "#006400"}
+    tier_colors = ["#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f",
+                   "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0"]
     tiers = sorted({rs[0]["family"] for rs in arms.values()} - set(controls))
     colors = {**controls, **{f: tier_colors[i % len(tier_colors)] for i, f in enumerate(tiers)}}
     for ax, (plane, (xk, yk, _)) in zip(axes, PLANES.items()):
@@ -139,13 +142,14 @@ def figure(arms: dict[str, list[dict]], path: Path) -> None:
         for arm, rs in arms.items():
             fam, kind = rs[0]["family"], rs[0]["kind"]
             ax.scatter([r[xk] for r in rs], [r[yk] for r in rs], s=12, alpha=0.35, color=colors[fam],
-                       marker="o" if kind == "control" else "^")
-            order = rs[0]["alpha"] if fam == "interp" else rs[0]["lr"] * (rs[0]["r"] if fam == "rank" else 1)
+                       marker="o" if kind == "control" else marker(fam))
+            order = rs[0]["alpha"] if fam.startswith("interp") else rs[0]["lr"] * (rs[0]["r"] if fam == "rank" else 1)
             by_family[fam].append((sum(r[xk] for r in rs) / len(rs), sum(r[yk] for r in rs) / len(rs), order))
-        # The interpolation curve ends at alpha = 1, which is the flat arm at the same learning rate.
-        if "interp" in by_family and "flat lr=0.01" in arms:
-            rs = arms["flat lr=0.01"]
-            by_family["interp"].append((sum(r[xk] for r in rs) / len(rs), sum(r[yk] for r in rs) / len(rs), 1.0))
+        # An interpolation curve ends at alpha = 1, which is the flat arm at the same learning rate.
+        for fam in [f for f in by_family if f.startswith("interp")]:
+            lr = next(rs[0]["lr"] for rs in arms.values() if rs[0]["family"] == fam)
+            if (rs := arms.get(f"flat lr={lr:g}")) is not None:
+                by_family[fam].append((sum(r[xk] for r in rs) / len(rs), sum(r[yk] for r in rs) / len(rs), 1.0))
         if "rank" in by_family and "flat lr=0.003" in arms:
             rs = arms["flat lr=0.003"]
             by_family["rank"].append((sum(r[xk] for r in rs) / len(rs), sum(r[yk] for r in rs) / len(rs), 0.024))
@@ -153,8 +157,8 @@ def figure(arms: dict[str, list[dict]], path: Path) -> None:
             pts.sort(key=lambda p: p[2])
             control = arms_kind(arms, fam) == "control"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if control else "--",
-                    marker="o" if control else "^", lw=2.2 if control else 1.2, ms=7, color=colors[fam],
-                    label=f"{'control' if control else 'tiers'}: {fam}")
+                    marker="o" if control else marker(fam), lw=2.2 if control else 1.2, ms=7, color=colors[fam],
+                    label=f"control: {fam}" if control else fam if marker(fam) == "s" else f"tiers: {fam}")
         ax.set_xlabel({"learning": "learning: exact match on B, C right after their stage  →",
                        "target_loss": "target loss (B, C right after their stage)  ← better"}[xk])
         ax.set_ylabel({"retain_A": "retained: exact match on A after stage C  →",
@@ -169,6 +173,11 @@ def figure(arms: dict[str, list[dict]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def marker(family: str) -> str:
+    """Triangles for tier schedules, squares for slow weights fed by fast ones (consolidation, EMA)."""
+    return "s" if "consolidate" in family or family.startswith("ema") else "^"
 
 
 def arms_kind(arms: dict[str, list[dict]], family: str) -> str:
@@ -189,21 +198,25 @@ def main(argv: list[str] | None = None) -> int:
         f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)}); arms complete for every seed: {len(arms)}; "
         f"LoRA-stage time summed over arms and seeds: {wall / 60:.1f} min (CPU, 1 thread per process).", "",
         "Means over seeds ± 95% interval (Student t). EM = exact match.", "", table(arms), "",
-        "Margin of each tier arm over the controls' front (same seed), mean ± 95% interval:", "",
+        "Margin of each tier or slow-weight arm over the controls' front (same seed), mean ± 95% interval:", "",
         verdict(arms, seeds)])
     if args.figure:
         figure(arms, args.figure)
     if args.doc:
-        doc = args.doc.read_text()
-        block = f"{MARK_START}\n{text}\n{MARK_END}"
-        pattern = re.compile(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), re.S)
-        if not pattern.search(doc):
-            raise SystemExit(f"{args.doc}: no {MARK_START} ... {MARK_END} section to fill")
-        tmp = args.doc.with_suffix(".tmp")
-        tmp.write_text(pattern.sub(lambda _: block, doc))
-        tmp.replace(args.doc)
+        fill_doc(args.doc, text, MARK_START, MARK_END)
     print(text)
     return 0
+
+
+def fill_doc(path: Path, text: str, start: str, end: str) -> None:
+    """Replace what stands between the markers ``start`` and ``end`` in ``path`` by ``text`` (temp file + rename)."""
+    doc = path.read_text()
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"{path}: no {start} ... {end} section to fill")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", doc))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,10 @@ def nested_optimizer(
     buffer (``optim.flat_buffers``).
     """
     t = tiers if isinstance(tiers, TiersConfig) else TiersConfig.model_validate(dict(tiers or {}))
+    for name in ("ema", "consolidate"):  # the Trainer evaluates and saves the fast weights, and never consolidates
+        if getattr(t, name) is not None:
+            raise ValueError(f"tiers.{name}: not supported with the transformers Trainer; use `nested-learning "
+                             "train` (or NestedAdamW's ema/consolidate with your own loop)")
     if t.strategy == "gradient_norm":
         raise ValueError("tiers.strategy: gradient_norm needs a probe over training data; compute the ranking "
                          "with nested_learning.assign_tiers(..., probe=...) and pass it as strategy 'manual'")

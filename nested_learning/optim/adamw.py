@@ -31,6 +31,11 @@ fused optimizers: nothing changes, neither parameters, Adam moments and update c
 fused kernel reads the flag on the device (no host sync); other implementations read it first (free on a CPU).
 The step still counts in the schedule: tiers due at a skipped step report the update, a slow tier keeps its
 accumulated gradients for its next due step.
+
+``ema`` and ``consolidate`` keep slow copies of the weights in the state (``nested_learning.optim.averaging``):
+an exponential average used for evaluation and saving (:meth:`NestedAdamW.averaged_weights`), and a Lookahead
+consolidation (every ``k`` steps ``slow += alpha * (fast - slow)``, then ``fast <- slow``; one more in
+:meth:`NestedAdamW.finish` / :meth:`NestedAdamW.consolidate_final`). Both off: nothing of this runs.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from typing import Any
 import torch
 from torch.optim.adamw import adamw as _functional_adamw
 
+from nested_learning.optim.averaging import STATE_KEYS as _AVERAGE_KEYS
+from nested_learning.optim.averaging import WeightAverages
 from nested_learning.optim.flat import FlatTier
 from nested_learning.tiers import is_due
 
@@ -104,6 +111,8 @@ class NestedAdamW(torch.optim.Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         flat: bool = False,
+        ema: float | None = None,
+        consolidate: tuple[int, float] | None = None,
     ) -> None:
         _check_hyperparameters("", lr, betas, eps, weight_decay)
         if accumulate not in ACCUMULATE_MODES:
@@ -130,6 +139,7 @@ class NestedAdamW(torch.optim.Optimizer):
         # index -> FlatTier; None: this tier cannot be flat; absent or False: not built (yet, or again)
         self._flat: dict[int, FlatTier | None | bool] = {}
         self.chunk_hook = None  # see the module docstring; not pickled
+        self.averages = WeightAverages(ema, consolidate)
 
     # -- construction helpers -------------------------------------------------------------------------
     @staticmethod
@@ -163,7 +173,7 @@ class NestedAdamW(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(global_step=self.global_step, accumulate=self.accumulate, flush_on_end=self.flush_on_end,
-                     flat=self.flat)
+                     flat=self.flat, averages=self.averages)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -172,6 +182,7 @@ class NestedAdamW(torch.optim.Optimizer):
         for key, default in (("global_step", 0), ("accumulate", "mean"), ("flush_on_end", True), ("flat", False),
                              ("chunk_hook", None)):
             self.__dict__.setdefault(key, default)
+        self.__dict__.setdefault("averages", WeightAverages())
         for group in self.param_groups:
             for key, default in _GROUP_DEFAULTS.items():
                 group.setdefault(key, default)
@@ -340,6 +351,9 @@ class NestedAdamW(torch.optim.Optimizer):
                 found_inf = found_inf.to(dtype=torch.float32)
             else:
                 skipped, found_inf = bool(found_inf), None
+        averaging = self.averages.active
+        if averaging:
+            self.averages.before_step(self._all_params(), self.state)
         self.global_step += 1
         s = self.global_step
         for index, group in enumerate(self.param_groups):
@@ -351,7 +365,12 @@ class NestedAdamW(torch.optim.Optimizer):
             if due:
                 group["updates"] += 1
                 group["pending"] = 0
+        if averaging:  # data parallel: every rank holds the same weights, so the same update on each keeps them so
+            self.averages.after_step(self._all_params(), self.state, s)
         return loss
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
     def _step_group(self, index: int, group: dict[str, Any], due: bool, found_inf: torch.Tensor | None) -> None:
         ft = self._flat_tier(index, group) if self.flat else None
@@ -375,7 +394,9 @@ class NestedAdamW(torch.optim.Optimizer):
         """Apply pending accumulated gradients now: one update per tier holding a partial chunk.
 
         With ``mean`` the partial chunk is averaged over the steps it holds. Does not advance the step count.
+        With ``ema``, a flush that updated anything moves the EMA once too.
         """
+        flushed = False
         for index, group in enumerate(self.param_groups):
             if self._uses_accumulator(group) and group["pending"] > 0:
                 ft = self._flat.get(index) if self.flat else None
@@ -385,6 +406,9 @@ class NestedAdamW(torch.optim.Optimizer):
                     self._update_from_accumulators(index, group, group["pending"])
                 group["updates"] += 1
                 group["pending"] = 0
+                flushed = True
+        if flushed and self.averages.ema is not None:
+            self.averages.update_ema(self._all_params(), self.state)
 
     def _flat_flush(self, index: int, ft: FlatTier, group: dict[str, Any]) -> None:
         foreach, fused = self._resolve_impl(group, ft.params)
@@ -396,9 +420,33 @@ class NestedAdamW(torch.optim.Optimizer):
         ft.acc.zero_()
 
     def finish(self) -> None:
-        """End of training: flush partial chunks unless ``flush_on_end`` is False."""
+        """End of training: flush partial chunks unless ``flush_on_end`` is False, then the last consolidation
+        (with ``consolidate``)."""
         if self.flush_on_end:
             self.flush()
+        self.consolidate_final()
+
+    @torch.no_grad()
+    def consolidate_final(self) -> None:
+        """With ``consolidate``, at the end of a completed run: one more consolidation, so the weights left in the
+        parameters (the final adapter) are the slow memory, holding the steps since the last consolidation too
+        (exactly a no-op right after one, with float32 parameters). Nothing before the first step."""
+        if self.averages.consolidate is not None and self.global_step > 0:
+            self.averages.consolidate_now(self._all_params(), self.state)
+
+    @torch.no_grad()
+    def keep_averaged_weights(self) -> None:
+        """With ``ema``, at the end of training: the EMA weights into the parameters for good (what a completed
+        run's final adapter holds). Training on afterwards would continue from them, not from the fast weights."""
+        if self.averages.ema is not None:
+            pairs = [(p, self.state[p]["ema"]) for p in self._all_params() if "ema" in self.state.get(p, {})]
+            if pairs:
+                torch._foreach_copy_([p for p, _ in pairs], [e.to(p.dtype) for p, e in pairs])
+
+    def averaged_weights(self):
+        """Context manager: the EMA weights in the parameters inside the ``with`` block, the fast (training)
+        weights restored after it, bit for bit. Without ``ema``, or before the first step, it changes nothing."""
+        return self.averages.swapped_in(self._all_params(), self.state)
 
     def tier_buffers(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Tier ``index``'s gradients and accumulators in as few tensors as its layout allows: one flat buffer
@@ -433,6 +481,8 @@ class NestedAdamW(torch.optim.Optimizer):
         # keeps `state` and `param_groups` only.
         for group in sd["param_groups"]:
             group.update(global_step=self.global_step, accumulate=self.accumulate, flush_on_end=self.flush_on_end)
+        self.averages.add_fast_weights(self._all_params(), sd["state"],
+                                       [k for g in sd["param_groups"] for k in g["params"]])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -451,10 +501,15 @@ class NestedAdamW(torch.optim.Optimizer):
         # torch casts state tensors to the parameter dtype on load; accumulators must stay float32.
         accs = {}
         stripped = {}
+        kept: dict[Any, dict[str, torch.Tensor]] = {}  # slow copies (averaging.py), at their own precision
+        fast: dict[Any, torch.Tensor] = {}  # the training weights an EMA checkpoint carries
         for key, st in state_dict["state"].items():
             st = dict(st)
             if "acc" in st:
                 accs[key] = st.pop("acc")
+            kept[key] = {k: st.pop(k) for k in _AVERAGE_KEYS if k in st}
+            if "fast" in st:
+                fast[key] = st.pop("fast")
             stripped[key] = st
         groups = [{k: v for k, v in g.items() if k not in _SAVED_IN_GROUPS} for g in groups]
         super().load_state_dict({"state": stripped, "param_groups": groups})
@@ -464,6 +519,14 @@ class NestedAdamW(torch.optim.Optimizer):
         for key, acc in accs.items():
             p = index[key]
             self.state[p]["acc"] = acc.to(device=p.device, dtype=torch.float32)
+        for key, copies in kept.items():
+            p = index[key]
+            for name, t in copies.items():
+                self.state[p][name] = t.to(device=p.device, dtype=torch.promote_types(p.dtype, torch.float32),
+                                           copy=True)
+        with torch.no_grad():
+            for key, t in fast.items():
+                index[key].copy_(t)
         for group in self.param_groups:  # torch loads `step` on the CPU; the fused kernel keeps it on the device
             if self._resolve_impl(group, group["params"])[1]:
                 for p in group["params"]:

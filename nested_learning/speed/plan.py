@@ -28,7 +28,7 @@ __all__ = ["LEVERS", "Lever", "SpeedPlan", "apply_speed", "plan_speed"]
 # In the order they act on a training step; docs/speed.md walks through them in this order.
 LEVERS = (
     "sdpa_kernels", "skip_causal_mask", "outer_rotary", "lora_fold", "chunked_loss", "loss_chunk_kernel",
-    "compile", "activation_memory_budget", "cuda_graphs", "data_parallel",
+    "compile", "activation_memory_budget", "offload_activations", "cuda_graphs", "data_parallel",
 )
 
 
@@ -70,6 +70,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     from nested_learning.speed.causal_mask import causal_sdpa_blocker
     from nested_learning.speed.chunked_loss import head_blocker
     from nested_learning.speed.lora_groups import unfused_groups
+    from nested_learning.speed.offload import checkpointed_layers
     from nested_learning.speed.rotary import rotary_modules
 
     sp, cuda = cfg.speed, device.type == "cuda"
@@ -117,14 +118,27 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     note = why or (kernel if kernel == sp.loss_chunk_kernel else f"{kernel} (Triton cannot run here)")
     add("loss_chunk_kernel", why is None, note)
 
+    # Decided before compile: offloaded layers are compiled one by one inside the host checkpoint.
+    layers = checkpointed_layers(model)
+    offload_why = first((not sp.offload_activations, "speed.offload_activations is off"),
+                        (not cfg.model.gradient_checkpointing, "model.gradient_checkpointing is off"),
+                        (world > 1 and cfg.distributed.strategy == "fsdp", "distributed.strategy fsdp"),
+                        (not layers, "no checkpointed layers in this model"))
+    offload = offload_why is None
     why = first((not sp.compile, "speed.compile is off"), (not cuda, "CPU runs eager (exact float32)"))
-    compiled = add("compile", why is None, why or ("the decoder; head + loss run chunked outside the graph"
-                                                     if chunked else "the whole model"))
+    if offload:
+        whole = "each decoder layer, inside the host checkpoint"
+    else:
+        whole = "the decoder; head + loss run chunked outside the graph" if chunked else "the whole model"
+    compiled = add("compile", why is None, why or whole)
 
     why = first((not compiled, "compile is off"), (sp.activation_memory_budget >= 1.0, "1.0 keeps every activation"))
     add("activation_memory_budget", why is None, why or f"{sp.activation_memory_budget:g} of the activations kept")
 
+    add("offload_activations", offload, offload_why or f"{layers} checkpointed layer inputs kept in host memory")
+
     why = first((not compiled, "compile is off"), (not sp.cuda_graphs, "speed.cuda_graphs is off"),
+                (offload, "speed.offload_activations (replayed graphs keep their inputs on the device)"),
                 (not cfg.data.packing, "data.packing is off (padded batches vary in shape)"),
                 (cfg.optim.grad_accum > 1, "optim.grad_accum > 1 (a replay could overwrite an accumulated gradient)"))
     add("cuda_graphs", why is None, why or "packed rows padded to data.max_length, one shape")
@@ -163,6 +177,17 @@ def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device,
         fold_lora_groups(model)
     if before_compile is not None:
         before_compile(model)
+    if plan.on("offload_activations"):
+        from nested_learning.speed.offload import use_host_checkpoint
+
+        if plan.on("compile"):  # the layers compile inside the host checkpoint, not the decoder as a whole
+            from nested_learning.speed.compile import set_activation_memory_budget
+            from nested_learning.speed.compile_cache import tag_compile_caches
+
+            tag_compile_caches()
+            set_activation_memory_budget(cfg.speed.activation_memory_budget)
+        use_host_checkpoint(model, compile_layers=plan.on("compile"))
+        return model
     if not plan.on("compile"):
         return model
     from nested_learning.speed.compile import compile_model

@@ -8,6 +8,12 @@ completion from the prompt (greedy decoding reproduces the target exactly iff ea
 token given the target prefix; the first wrong pick is where both disagree), computed in one batched forward
 pass instead of one generation per sample. The completion's EOS carries loss, so a match also stops where
 the target stops.
+
+Under data parallelism (``ranks``: the run's ``DistContext``) each rank scores every world-th batch from its rank
+on, and the sums (loss, loss tokens, matches) are summed over ranks, so every rank gets the number one process
+gets. Every rank runs the same number of forwards: a rank with no batch left in the last round runs one more
+whose result it discards, because under ``distributed.strategy: fsdp`` every forward all-gathers the layers with
+the other ranks.
 """
 
 from __future__ import annotations
@@ -30,13 +36,29 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
-def _batches(samples: Sequence, pad_id: int, batch_size: int, max_batches: int | None, device: torch.device):
+def _batches(samples: Sequence, pad_id: int, batch_size: int, max_batches: int | None, device: torch.device,
+             ranks=None):
+    """(batch, counts) pairs: this rank's share of the evaluation batches (all of them for one process);
+    ``counts`` is False for a rank's filler forward (see the module doc)."""
     from nested_learning.data import collate
 
-    for k, start in enumerate(range(0, len(samples), batch_size)):
-        if max_batches is not None and k >= max_batches:
-            return
-        yield collate(samples[start : start + batch_size], pad_id).to(device)
+    total = -(-len(samples) // batch_size)
+    if max_batches is not None:
+        total = min(total, max_batches)
+    rank, world = (ranks.rank, ranks.world) if ranks is not None and ranks.active else (0, 1)
+    for k in range(rank, -(-total // world) * world, world):
+        counts = k < total
+        start = (k if counts else total - 1) * batch_size  # a filler repeats the last batch
+        yield collate(samples[start : start + batch_size], pad_id).to(device), counts
+
+
+def _sum_over_ranks(values: list[float | int], ranks, device: torch.device, what: str) -> list[float]:
+    """``values`` summed over the ranks of ``ranks`` (float64: exact for counts below 2**53)."""
+    if ranks is None or not ranks.active:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    ranks.all_reduce(t, what)
+    return t.tolist()
 
 
 @torch.no_grad()
@@ -49,10 +71,12 @@ def evaluate_loss(
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
     loss_fn: Callable | None = None,
+    ranks=None,
 ) -> dict[str, float]:
     """Token-weighted mean loss over ``samples`` (in their given order): ``{loss, ppl, tokens, batches}``.
 
     ``loss_fn`` defaults to the chunked head + cross-entropy, so a large vocabulary never materialises full logits.
+    ``ranks``: a ``DistContext`` whose ranks share the batches (module doc).
     """
     loss_fn = loss_fn or make_loss_fn(2048)
     device = torch.device(device)
@@ -62,15 +86,18 @@ def evaluate_loss(
     count = 0
     batches = 0
     try:
-        for batch in _batches(samples, pad_id, batch_size, max_batches, device):
+        for batch, counts in _batches(samples, pad_id, batch_size, max_batches, device, ranks):
             with autocast_context(device):
                 loss_sum, n = loss_fn(model, batch)
-            total += loss_sum.double()
-            count += n
-            batches += 1
+            if counts:
+                total += loss_sum.double()
+                count += n
+                batches += 1
     finally:
         model.train(was_training)
-    loss = float(total) / max(count, 1)
+    summed, count, batches = _sum_over_ranks([float(total), count, batches], ranks, device, "summing the evaluation")
+    count, batches = int(count), int(batches)
+    loss = summed / max(count, 1)
     return {"loss": loss, "ppl": perplexity(loss), "tokens": count, "batches": batches}
 
 
@@ -83,6 +110,7 @@ def evaluate_exact_match(
     batch_size: int = 8,
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
+    ranks=None,
 ) -> dict[str, float]:
     """Share of samples whose every loss-carrying token is the model's greedy pick (see the module doc):
     ``{exact_match, matched, scored}``. Samples with no loss token are not scored. ``model`` must return logits
@@ -94,9 +122,11 @@ def evaluate_exact_match(
     model.eval()
     matched = scored = 0
     try:
-        for batch in _batches(samples, pad_id, batch_size, max_batches, device):
+        for batch, counts in _batches(samples, pad_id, batch_size, max_batches, device, ranks):
             with autocast_context(device), causal_rows(batch.one_sample_per_row):
                 logits = model(**batch.model_inputs()).logits
+            if not counts:
+                continue
             picks = logits[:, :-1, :].argmax(dim=-1)  # (B, T-1): position t's greedy choice for token t+1
             targets = batch.labels[:, 1:]
             carries = targets != IGNORE_INDEX
@@ -106,6 +136,7 @@ def evaluate_exact_match(
             scored += int(has_loss.sum())
     finally:
         model.train(was_training)
+    matched, scored = (int(v) for v in _sum_over_ranks([matched, scored], ranks, device, "summing exact matches"))
     return {"exact_match": matched / scored if scored else float("nan"), "matched": matched, "scored": scored}
 
 
@@ -120,14 +151,15 @@ def evaluate_samples(
     device: torch.device | str = "cpu",
     loss_fn: Callable | None = None,
     logits_model=None,
+    ranks=None,
 ) -> dict[str, float]:
     """``evaluate_loss``, plus ``exact_match`` when ``metric == "exact_match"`` (scored on ``logits_model``,
-    default ``model``)."""
+    default ``model``). ``ranks``: a ``DistContext`` whose ranks share the batches (module doc)."""
     res = evaluate_loss(model, samples, pad_id, batch_size=batch_size, max_batches=max_batches, device=device,
-                        loss_fn=loss_fn)
+                        loss_fn=loss_fn, ranks=ranks)
     if metric == "exact_match":
         em = evaluate_exact_match(logits_model if logits_model is not None else model, samples, pad_id,
-                                  batch_size=batch_size, max_batches=max_batches, device=device)
+                                  batch_size=batch_size, max_batches=max_batches, device=device, ranks=ranks)
         res["exact_match"] = em["exact_match"]
     return res
 

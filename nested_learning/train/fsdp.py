@@ -10,18 +10,33 @@ FSDP never reduce-scatters anything.
 The output head stays whole on every rank: the chunked loss reads its weight directly, outside any FSDP forward
 (and a head tied to the input embeddings is the same tensor, so that one stays whole too). On CUDA the layers are
 all-gathered in bfloat16, the dtype autocast computes them in.
+
+Loading (``load_sharded``) never puts the whole base on ranks other than 0: every rank builds the model's skeleton
+on the meta device (``nested_learning.model.skeleton``) and wraps it with LoRA, ``fully_shard`` turns its frozen
+weights into meta shards, ``to_empty`` allocates each rank's shards (and the whole adapter and head) on its device,
+and ``set_model_state_dict(full_state_dict, broadcast_from_rank0)`` fills them from the weights rank 0 alone read
+on the CPU, one tensor at a time. Rank 0 wraps its CPU model with LoRA under the run seed (and loads a resumed or
+initial adapter into it), so the adapter every rank receives is the one a single process would start from. The
+non-persistent buffers (rotary ``inv_freq``), which no state dict carries, are sent from rank 0 too.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from nested_learning.config import ConfigError
-from nested_learning.model.loading import unwrap_model
+from nested_learning.config import ConfigError, TrainConfig
+from nested_learning.model.loading import load_model, resolve_dtype, unwrap_model
+from nested_learning.model.lora import wrap_lora
+from nested_learning.model.skeleton import build_skeleton
 from nested_learning.train.distributed import DistContext
 
-__all__ = ["decoder_layers", "local_frozen_bytes", "shard_frozen_base"]
+__all__ = ["decoder_layers", "load_sharded", "local_frozen_bytes", "shard_frozen_base"]
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
@@ -73,3 +88,47 @@ def local_frozen_bytes(model: nn.Module) -> tuple[int, int, int]:
         whole += p.numel() * p.element_size()
         kept += 0 if sharded else p.numel() * p.element_size()
     return local, whole, kept
+
+
+def _read_full(cfg: TrainConfig, dtype: torch.dtype, prepare_adapter: Callable[[Any], None]):
+    """Rank 0: the base read on the CPU in the run's dtype, wrapped with the run's adapter; returns (state dict,
+    non-persistent buffers, bytes of base tensors read)."""
+    base = load_model(cfg.model.model_copy(update={"device": "cpu", "dtype": _DTYPE_NAMES[dtype]}))
+    read = sum(t.numel() * t.element_size() for t in (*base.parameters(), *base.buffers()))
+    model = wrap_lora(base, cfg.lora, seed=cfg.seed)
+    prepare_adapter(model)
+    state = model.state_dict()
+    buffers = {name: b for name, b in model.named_buffers() if name not in state}
+    return state, buffers, read
+
+
+def load_sharded(cfg: TrainConfig, ctx: DistContext, device: torch.device,
+                 prepare_adapter: Callable[[Any], None]) -> tuple[Any, int]:
+    """The LoRA-wrapped model of ``cfg`` with its frozen base sharded over the ranks of ``ctx``, loaded without
+    the whole base on any rank but 0 (see the module doc). ``prepare_adapter(model)`` loads a resumed or initial
+    adapter (rank 0, into its CPU copy). Returns (model, bytes of base tensors this rank read whole: the whole
+    base on rank 0, 0 elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    full = ctx.on_main(lambda: _read_full(cfg, dtype, prepare_adapter), "reading the base weights")
+    state, buffers, read = full if full is not None else ({}, {}, 0)
+    # The same wrap as rank 0's, from the same seed: every rank leaves it with the same RNG state.
+    model = wrap_lora(build_skeleton(cfg.model, dtype), cfg.lora, seed=cfg.seed)
+    shard_frozen_base(model, ctx, device)
+    model.to_empty(device=device)
+    try:
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                    strict=True))
+        message = [{name: b.cpu() for name, b in buffers.items()}]
+        dist.broadcast_object_list(message, src=0, group=ctx.control)
+    except RuntimeError as exc:
+        raise ctx._failed("sending the base weights from rank 0", exc) from None
+    del state, full
+    for name, value in message[0].items():  # rank 0's tensors, dtype included (a bfloat16 load casts them)
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = value.to(device)
+    lm = unwrap_model(model)
+    if getattr(lm.config, "tie_word_embeddings", False):
+        lm.tie_weights()  # to_empty gives tied weights one tensor each: tie them again
+    return model, read

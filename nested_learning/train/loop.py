@@ -25,7 +25,7 @@ from nested_learning.integrations.tracking import open_trackers
 from nested_learning.train.metrics import MetricsLog
 from nested_learning.train.nonfinite import NonFiniteGuard
 from nested_learning.train.setup import Run, build_run
-from nested_learning.train.state import Callback, TrainerState, TrainingError
+from nested_learning.train.state import Callback, TrainerState
 
 __all__ = ["accumulate_gradients", "run_training", "train_loop"]
 
@@ -77,7 +77,10 @@ class Checkpoints:
             "tier_assignment": run.tier_assignment, "trainer_state": state.to_dict(),
             "metrics_rows": self.metrics.rows, "nonfinite": self.guard.counters(),
         }
-        path = distributed.save_checkpoint(run, name, payload)  # rank 0 writes; every rank returns once written
+        # With tiers.ema the adapter written is the EMA; the payload's optimizer state (taken above) carries the
+        # fast weights a resume continues from (optim/averaging.py).
+        with run.optimizer.averaged_weights():
+            path = distributed.save_checkpoint(run, name, payload)  # rank 0 writes; every rank returns once written
         if name == "best":
             state.best_checkpoint = str(path)
         else:
@@ -105,14 +108,16 @@ class Evaluator:
             return evaluate_samples(run.forward_model, samples, run.pad_id, metric=ev.metric,
                                     batch_size=ev.batch_size or run.config.optim.batch_size,
                                     max_batches=ev.max_batches, device=run.device, loss_fn=run.loss_fn,
-                                    logits_model=run.model)  # the forward model may stop at the hidden states
+                                    logits_model=run.model,  # the forward model may stop at the hidden states
+                                    ranks=run.dist)  # each rank a share of the batches, sums over ranks
 
     def __call__(self) -> None:
         run, cfg, state = self.run, self.run.config, self.run.state
         if not run.valid_samples:
             return
-        res = self._score(run.valid_samples)
-        retain = {name: self._score(samples) for name, samples in run.retain_sets.items()}
+        with run.optimizer.averaged_weights():  # tiers.ema: the EMA weights are evaluated
+            res = self._score(run.valid_samples)
+            retain = {name: self._score(samples) for name, samples in run.retain_sets.items()}
         run.bad_evals, new_best = state.record_eval(res, retain, cfg.eval.early_stopping_min_delta, run.bad_evals)
         # The row goes in before `best` is saved, so that checkpoint counts it: a resume from `best` keeps the
         # row, a kill before `best` is in place resumes from an earlier checkpoint and writes it again, once.
@@ -169,6 +174,7 @@ def train_loop(run: Run, callbacks: Iterable[Callback] = (), stop_event: threadi
         # Resuming a finished run (its `last`): nothing to train, evaluate or write again. (A longer schedule
         # continues it instead.)
         state.last_checkpoint = str(run.resumed_from)
+        opt.keep_averaged_weights()  # tiers.ema: the resume put the fast weights back; the model is the final adapter
         hooks("on_start")
         hooks("on_end")
         return state
@@ -263,9 +269,12 @@ def train_loop(run: Run, callbacks: Iterable[Callback] = (), stop_event: threadi
             if cfg.tiers.flush_on_end:
                 opt.flush()  # slow tiers apply the gradients of their partial chunk
                 state.tier_stats = opt.tier_stats()
+            opt.consolidate_final()  # tiers.consolidate: the final adapter is the slow memory
             evaluate()
             state.status = "completed"
         checkpoints.save("last")
+        if state.status == "completed":
+            opt.keep_averaged_weights()  # tiers.ema: the model left in memory is the final adapter, as saved
     except BaseException as exc:
         state.status = "failed"
         state.error = str(exc) or type(exc).__name__

@@ -22,7 +22,7 @@ import torch
 from nested_learning.config import ConfigError, TrainConfig
 from nested_learning.data import BatchPlan, DataError, Sample, iterate_batches, load_splits
 from nested_learning.data.sharding import shard_batches
-from nested_learning.model.loading import autocast_context, load_model, load_tokenizer, prepare_base
+from nested_learning.model.loading import autocast_context, load_model, load_tokenizer, prepare_base, resolve_device
 from nested_learning.model.lora import wrap_lora
 from nested_learning.optim.adamw import NestedAdamW
 from nested_learning.optim.schedule import lr_lambda
@@ -67,6 +67,7 @@ class Run:
     retain_sets: dict[str, list] = dataclasses.field(default_factory=dict)  # eval.retain: name -> samples
     dist: DistContext = dataclasses.field(default_factory=DistContext)  # data parallelism (default: one process)
     grad_sync: GradSync | None = None  # sums gradients over ranks (train/grad_sync.py); None for one process
+    base_bytes_read: int | None = None  # fsdp: base tensors this rank read whole (0 on ranks other than 0)
 
     @property
     def pad_id(self) -> int:
@@ -141,7 +142,8 @@ def build_optimizer(cfg: TrainConfig, model, probe=None, saved_assignment: dict[
     optimizer = NestedAdamW(
         groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, accumulate=t.accumulate, flush_on_end=t.flush_on_end,
-        flat=cfg.optim.flat_buffers,
+        flat=cfg.optim.flat_buffers, ema=t.ema,
+        consolidate=None if t.consolidate is None else (t.consolidate.every, t.consolidate.alpha),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule))
     assignment = {name: k for k, g in enumerate(groups) for name in g["param_names"]}
@@ -247,22 +249,36 @@ def build_run(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     train, valid, batch_plan = _load_data(cfg, tokenizer, data, dist.world)
     retain_sets = load_retain_sets(cfg.eval.retain, cfg.data, tokenizer)
-    # Base weights never depend on the run seed; the adapter init is seeded by wrap_lora.
-    base = load_model(cfg.model) if base_model is None else prepare_base(base_model, cfg.model)
-    device = next(base.parameters()).device
-    model = wrap_lora(base, cfg.lora, seed=cfg.seed)
-    if saved is not None:
-        ckpt.load_adapter_weights(model, resume_from)
-    elif cfg.lora.init_adapter:  # continue training an existing adapter (either format)
-        from nested_learning.inference.convert import load_adapter_into
 
-        load_adapter_into(model, cfg.lora.init_adapter, cfg.lora.r, cfg.lora.alpha, cfg.lora.use_rslora)
+    def load_adapter(model) -> None:
+        if saved is not None:
+            ckpt.load_adapter_weights(model, resume_from)
+        elif cfg.lora.init_adapter:  # continue training an existing adapter (either format)
+            from nested_learning.inference.convert import load_adapter_into
+
+            load_adapter_into(model, cfg.lora.init_adapter, cfg.lora.r, cfg.lora.alpha, cfg.lora.use_rslora)
+
+    fsdp = dist.active and cfg.distributed.strategy == "fsdp"  # the frozen base sharded over ranks (train/fsdp.py)
+    base_bytes_read = None
+    if fsdp and base_model is None:  # built sharded: rank 0 alone reads the base (train/fsdp.py)
+        from nested_learning.train.fsdp import load_sharded
+
+        device = resolve_device(cfg.model.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())  # cuda:LOCAL_RANK (init_from_env)
+        model, base_bytes_read = load_sharded(cfg, dist, device, load_adapter)
+    else:
+        # Base weights never depend on the run seed; the adapter init is seeded by wrap_lora.
+        base = load_model(cfg.model) if base_model is None else prepare_base(base_model, cfg.model)
+        device = next(base.parameters()).device
+        model = wrap_lora(base, cfg.lora, seed=cfg.seed)
+        load_adapter(model)
 
     speed = plan_speed(cfg, model, device, world=dist.world)
     batch_plan.fixed_width = speed.on("cuda_graphs")  # one batch shape for graph replay
     loss_fn = make_loss_fn(speed.chunk_tokens, speed.chunk_kernel)
     shard = None
-    if dist.active and cfg.distributed.strategy == "fsdp":  # the frozen base sharded over ranks (train/fsdp.py)
+    if fsdp and base_model is not None:  # a base handed in whole: sharded in place
         from nested_learning.train.fsdp import shard_frozen_base
 
         def shard(m) -> None:
@@ -277,7 +293,8 @@ def build_run(
     state = TrainerState(total_steps=cfg.schedule.steps, output_dir=str(out), tier_plan=tier_plan,
                          speed_plan=speed.format())
     run = Run(cfg, out, device, tokenizer, model, forward_model, loss_fn, train, valid, batch_plan, optimizer,
-              scheduler, assignment, speed, state, retain_sets=retain_sets, dist=dist)
+              scheduler, assignment, speed, state, retain_sets=retain_sets, dist=dist,
+              base_bytes_read=base_bytes_read)
     if dist.active:
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         run.grad_sync = GradSync(dist, optimizer, cfg.distributed.tier_sync, max_norm)

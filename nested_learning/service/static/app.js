@@ -67,8 +67,11 @@ async function startJob(ev) {
   try {
     const yamlMode = !f.querySelector('[data-pane="yaml"]').hidden;
     const cfg = yamlMode ? await api("POST", "/v1/config/from-yaml", f.elements.yaml.value, "text/plain") : configFromFields(f);
+    const query = new URLSearchParams();
     const name = f.elements.name.value.trim();
-    const job = await api("POST", "/v1/jobs" + (name ? `?name=${encodeURIComponent(name)}` : ""), cfg);
+    if (name) query.set("name", name);
+    query.set("devices", f.elements.devices.value.trim() || "1");  // GPUs (data-parallel ranks) for the job
+    const job = await api("POST", `/v1/jobs?${query}`, cfg);
     location.hash = `#/jobs/${job.id}`;
   } catch (e) {
     err.textContent = e.message;
@@ -157,6 +160,8 @@ function showStatus(j) {
   $("#s-lr").textContent = j.lr ? Number(j.lr).toExponential(2) : "–";
   $("#s-tps").textContent = j.tokens_per_sec ? Math.round(j.tokens_per_sec) : "–";
   $("#s-eta").textContent = fmtEta(j.eta_s);
+  // how many devices the job runs on, and which GPUs once the scheduler gave it some
+  $("#s-devices").textContent = j.gpu ? `${j.devices || 1} (GPU ${j.gpu})` : String(j.devices || 1);
   $("#stop-btn").disabled = !["queued", "running"].includes(j.status) || j.stop_requested;
   $("#resume-btn").disabled = !["stopped", "interrupted", "failed"].includes(j.status);
   const err = $("#job-error");

@@ -1,0 +1,137 @@
+"""``speed.offload_activations``: checkpointed decoder layers keep their input in host memory, not on the device.
+
+With ``model.gradient_checkpointing`` each decoder layer keeps only its input for backward, which recomputes the
+layer from it; at Llama-3.2-1B 8 x 2048 that is 16 inputs of 64 MiB held from the forward to the backward. Here
+each checkpointed layer runs through ``HostCheckpoint`` instead of torch's checkpoint: the forward runs the layer
+without recording a graph and copies its input to pinned host memory (on CUDA, on a side stream, so the copy
+overlaps the next layers); the backward copies it back, reruns the layer with gradients under the same autocast
+and random state, and back-propagates through it, which accumulates the LoRA gradients and returns the gradient of
+the input. The arithmetic is the layer's own, run once more: losses and gradients equal torch's checkpoint.
+
+A layer called with a positional tensor beyond its input, or with a keyword tensor that needs a gradient, keeps
+torch's checkpoint: only the input is offloaded and recomputed through.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["HostCheckpoint", "host_checkpoint", "use_host_checkpoint"]
+
+_side_streams: dict[torch.device, Any] = {}
+
+
+def _copy_stream(device: torch.device):
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+def _to_host(x: torch.Tensor):
+    """``(host copy, event the copy records or None)``. On CUDA the copy runs on a side stream once the producing
+    kernels are done; ``record_stream`` keeps the allocator from reusing ``x`` before the copy has read it."""
+    if x.device.type != "cuda":
+        return x.detach().to("cpu", copy=True), None
+    host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+    stream = _copy_stream(x.device)
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(stream):
+        host.copy_(x, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    x.record_stream(stream)
+    return host, done
+
+
+def _autocast_state(device_type: str) -> dict:
+    if not torch.is_autocast_enabled(device_type):
+        return {"device_type": device_type, "enabled": False}
+    return {"device_type": device_type, "enabled": True, "dtype": torch.get_autocast_dtype(device_type)}
+
+
+class HostCheckpoint(torch.autograd.Function):
+    """``HostCheckpoint.apply(run, hidden, anchor)``: ``run(hidden)`` with ``hidden`` kept on the host for backward.
+    ``anchor``: an empty tensor that needs a gradient, so the output does even when ``hidden`` does not (the first
+    layer's input comes from a frozen embedding, and the layer's LoRA tensors still need their gradients)."""
+
+    @staticmethod
+    def forward(ctx, run: Callable, hidden: torch.Tensor, anchor: torch.Tensor):
+        ctx.run, ctx.device, ctx.input_grad = run, hidden.device, hidden.requires_grad
+        ctx.autocast = _autocast_state(hidden.device.type)
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.device.type == "cuda" else None
+        ctx.host, ctx.copied = _to_host(hidden)
+        with torch.no_grad():
+            out = run(hidden)
+        ctx.single = torch.is_tensor(out)
+        return out if ctx.single else tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.copied is not None:
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
+        hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(ctx.input_grad)
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                out = ctx.run(hidden)
+        outs = [out] if ctx.single else list(out)
+        pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.run = ctx.host = None
+        return None, hidden.grad if ctx.input_grad else None, None
+
+
+def _needs_grad(value) -> bool:
+    return torch.is_tensor(value) and value.requires_grad
+
+
+def host_checkpoint(fn: Callable, *args, compiled: Callable | None = None, **kwargs):
+    """A ``_gradient_checkpointing_func`` for transformers' checkpointed layers: ``fn(*args, **kwargs)`` with the
+    first argument kept on the host (``HostCheckpoint``); ``compiled(fn, hidden)``, when given, runs the layer in
+    both the forward and the recompute."""
+    bound = getattr(fn, "keywords", None) or {}
+    if (not args or not torch.is_tensor(args[0]) or len(args) > 1 or any(map(_needs_grad, bound.values()))
+            or any(map(_needs_grad, kwargs.values()))):
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    hidden = args[0]
+    run = functools.partial(compiled, functools.partial(fn, **kwargs)) if compiled else functools.partial(fn, **kwargs)
+    anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+    return HostCheckpoint.apply(run, hidden, anchor)
+
+
+def _call(fn: Callable, hidden: torch.Tensor):
+    return fn(hidden)
+
+
+def use_host_checkpoint(model, compile_layers: bool = False, backend: str = "inductor") -> int:
+    """Route every checkpointed layer of ``model`` through ``host_checkpoint``; returns how many. With
+    ``compile_layers`` the layer body is compiled (one graph with gradients, one without, shared by all layers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    func = host_checkpoint
+    if compile_layers:
+        func = functools.partial(host_checkpoint, compiled=torch.compile(_call, backend=backend))
+    count = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module._gradient_checkpointing_func = func
+            count += 1
+    return count
+
+
+def checkpointed_layers(model) -> int:
+    """How many layers of ``model`` transformers checkpoints (0 when gradient checkpointing is off)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers without checkpointed layers
+        return 0
+    return sum(isinstance(m, GradientCheckpointingLayer) and bool(m.gradient_checkpointing) for m in model.modules())
