@@ -293,7 +293,10 @@ class ScheduleConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(50, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
-    max_batches: int | None = Field(None, gt=0, description="Cap on validation batches per evaluation.")
+    max_batches: int | None = Field(
+        None, gt=0, description="Cap on validation batches per evaluation (of eval.batch_size; by default of the "
+        "global micro-batch, optim.batch_size x ranks, so any number of ranks scores the same samples).",
+    )
     batch_size: int | None = Field(None, gt=0, description="Validation batch size (default: optim.batch_size).")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N evals without improvement (0: off).")
     early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest val-loss drop counted as improvement.")

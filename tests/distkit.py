@@ -29,17 +29,19 @@ TIER_RULES = [["*layers.0.*", 0], ["*self_attn*", 1], ["*", 2]]
 
 def case_config(data_dir, out_dir, case: dict[str, Any], batch_size: int):
     """The micro-llama run of a test case: 8 steps, three tiers by rule, full-logits loss; ``case`` sets tiers.periods,
-    tiers.accumulate, optim.grad_accum, optim.max_grad_norm, optim.flat_buffers, data.packing and
-    distributed.tier_sync and distributed.strategy; ``eval_every`` evaluates (and saves ``best``) every N steps;
-    ``eval`` updates the eval section, ``retain`` names its retain sets' files in the data folder; ``model`` names
-    the base model."""
+    tiers.accumulate, tiers.ema, tiers.consolidate, optim.grad_accum, optim.max_grad_norm, optim.flat_buffers,
+    data.packing and distributed.tier_sync and distributed.strategy; ``eval_every`` evaluates (and saves ``best``)
+    every N steps; ``eval`` updates the eval section, ``retain`` names its retain sets' files in the data folder;
+    ``model`` names the base model, ``lora`` updates the lora section."""
     from conftest import micro_config
 
     return micro_config(
         data_dir, out_dir,
         model={"name_or_path": case.get("model", "embedded:micro-llama"), "device": "cpu"},
+        lora=case.get("lora", {}),
         tiers={"periods": case.get("periods", [1, 2, 4]), "strategy": "rules", "rules": TIER_RULES,
-               "accumulate": case.get("accumulate", "mean")},
+               "accumulate": case.get("accumulate", "mean"), "ema": case.get("ema"),
+               "consolidate": case.get("consolidate")},
         optim={"batch_size": batch_size, "grad_accum": case.get("grad_accum", 1),
                "max_grad_norm": case.get("max_grad_norm", 1.0), "flat_buffers": case.get("flat_buffers", True)},
         schedule={"steps": case.get("steps", 8), "warmup_steps": 0},

@@ -40,6 +40,11 @@ CASES = {
     "last-ga1-every": dict(accumulate="last", grad_accum=1, tier_sync="every_step", max_grad_norm=CLIP),
     "last-ga2-deferred": dict(accumulate="last", grad_accum=2, tier_sync="deferred", max_grad_norm=0),
     "packed-every": dict(accumulate="mean", tier_sync="every_step", max_grad_norm=CLIP, packing=True),
+    # tiers.ema + tiers.consolidate (every 3 of 7 steps) need no communication; eval.max_batches 1 without
+    # eval.batch_size caps at one global batch: 8 samples of each set, as one process of batch 8 scores
+    "ema-consolidate-capped": dict(accumulate="mean", tier_sync="deferred", max_grad_norm=0, steps=7, ema=0.8,
+                                   consolidate={"every": 3, "alpha": 0.5}, retain={"seen": "train.jsonl"},
+                                   eval={"max_batches": 1, "metric": "exact_match"}),
 }
 # Deferred sync with clipping active: equals one process under the same rule (its norm is the global one).
 CLIPPED = {"mean-clip-deferred": dict(accumulate="mean", tier_sync="deferred", max_grad_norm=CLIP),
@@ -49,8 +54,10 @@ FSDP = {"fsdp-mean-ga2-deferred": dict(accumulate="mean", grad_accum=2, tier_syn
                                        strategy="fsdp", eval_every=4, **EVAL),  # an evaluation and `best` mid-run
         "fsdp-chunked-every": dict(tier_sync="every_step", max_grad_norm=CLIP, strategy="fsdp", loss_chunk_tokens=64)}
 FSDP_STOP = FSDP["fsdp-mean-ga2-deferred"]
-# fsdp from a model folder (tied embeddings): `./model` has the weights in rank 0's folder only.
-FSDP_DIR = dict(tier_sync="every_step", max_grad_norm=CLIP, strategy="fsdp", model="./model", steps=4)
+# fsdp from a model folder (tied embeddings): `./model` has the weights in rank 0's folder only, and so has the
+# initial adapter `./adapter-mlx` (MLX format).
+FSDP_DIR = dict(tier_sync="every_step", max_grad_norm=CLIP, strategy="fsdp", model="./model", steps=4,
+                lora={"init_adapter": "./adapter-mlx"})
 COUNTED = ("mean-clip-deferred", "last-clip-deferred", "mean-ga1-every")
 STOP = "mean-ga2-deferred"  # stopped after step 3 (the period-4 tier holds 3 local gradients), then resumed
 
@@ -69,7 +76,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def two_ranks(data, tmp_path_factory) -> tuple[dict, Path]:
+def two_ranks(data, tmp_path_factory, micro_checkpoint) -> tuple[dict, Path]:
     root = tmp_path_factory.mktemp("ranks")
     jobs = [{"kind": "train", "name": name, "out": str(root / name), "case": case, "count": name in COUNTED}
             for name, case in {**CASES, **CLIPPED, **FSDP}.items()]
@@ -83,16 +90,20 @@ def two_ranks(data, tmp_path_factory) -> tuple[dict, Path]:
         {"kind": "train", "name": "fsdp-handed", "out": str(root / "fsdp-handed"), "case": FSDP["fsdp-chunked-every"],
          "handed": True},
     ]
-    _model_folders(root)
+    _model_folders(root, micro_checkpoint)
     spec = {"data": str(data), "jobs": jobs, "cwd": [str(root / "rank0"), str(root / "rank1")]}
     return run_ranks(spec, root / "spec.json"), root
 
 
-def _model_folders(root: Path) -> None:
-    """micro-llama with tied embeddings saved as a model folder in rank0/model; rank1/model lacks its weights."""
+def _model_folders(root: Path, checkpoint: Path) -> None:
+    """micro-llama with tied embeddings saved as a model folder in rank0/model; rank1/model lacks its weights.
+    rank0/adapter-mlx: ``checkpoint``'s adapter in MLX format (rank 1 has none)."""
     import shutil
 
+    from nested_learning.inference.convert import convert_adapter
     from nested_learning.model.embedded import build_embedded
+
+    convert_adapter(checkpoint, root / "rank0" / "adapter-mlx", "mlx")
 
     model, tokenizer = build_embedded("embedded:micro-llama", seed=0, tie_word_embeddings=True)
     model.save_pretrained(root / "rank0" / "model")
@@ -168,12 +179,14 @@ def test_fsdp_shards_the_frozen_base_and_trains_as_one_process(two_ranks, data, 
 
 def test_fsdp_loads_a_model_folder_on_rank_0_alone(two_ranks, data, tmp_path, one_thread):
     """``./model`` holds the weights in rank 0's folder only: rank 1 never reads them (it could not), yet trains
-    as one process does, tied embeddings included."""
+    as one process does, tied embeddings and an initial adapter in MLX format (in rank 0's folder only) included."""
     results, root = two_ranks
     got, other = results["fsdp-dir"], results["other_ranks"][0]["fsdp-dir"]
     assert not list((root / "rank1" / "model").glob("*.safetensors"))
     assert (got["status"], got["step"]) == ("completed", 4)
-    want = reference(data, tmp_path / "dir", {**FSDP_DIR, "strategy": "ddp", "model": str(root / "rank0" / "model")},
+    assert not (root / "rank1" / "adapter-mlx").exists()
+    want = reference(data, tmp_path / "dir", {**FSDP_DIR, "strategy": "ddp", "model": str(root / "rank0" / "model"),
+                                              "lora": {"init_adapter": str(root / "rank0" / "adapter-mlx")}},
                      sync="every_step")
     assert_same_run(got, want)
     assert got["adapter_built"] == other["adapter_built"] == want["adapter_built"]

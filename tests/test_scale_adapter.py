@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,48 @@ def test_cli(micro_checkpoint, tmp_path):
     assert json.loads(done.stdout.splitlines()[-1]) == {"scaled": str(tmp_path / "s"), "factor": 0.25}
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_an_interrupted_overwrite_leaves_a_whole_adapter(micro_checkpoint, tmp_path, monkeypatch):
+    """--overwrite of an existing DST, the process dying while the old copy is removed: DST is a whole adapter
+    (the new one), never the old one half-deleted."""
+    import nested_learning.inference.scale as scale
+    from nested_learning.inference.convert import adapter_format
+
+    dst = scale_adapter(micro_checkpoint, tmp_path / "s", 0.5)
+    names = sorted(p.name for p in dst.iterdir())
+
+    def dies_midway(path, *args, **kwargs):  # removes one file, then the process is gone
+        next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scale.shutil, "rmtree", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        scale_adapter(micro_checkpoint, dst, 0.25, overwrite=True)
+    assert sorted(p.name for p in dst.iterdir()) == names and adapter_format(dst) == "peft"
+    orig, now = adapter_tensors(micro_checkpoint), adapter_tensors(dst)
+    assert all(torch.equal(now[k], t * 0.25 if "lora_B" in k else t) for k, t in orig.items())
+    assert json.loads((dst / "scaled.json").read_text())["factor"] == 0.25
+
+
+def test_checkpoint_with_both_layouts_scales_both(tmp_path):
+    """A checkpoint written with checkpoint.mlx_copy holds the PEFT and the MLX adapter (rsLoRA here): both are
+    scaled, the rest copied as it was."""
+    from safetensors.torch import load_file
+
+    from conftest import micro_config, write_data
+    from nested_learning.train.loop import run_training
+
+    cfg = micro_config(write_data(tmp_path / "data"), tmp_path / "run", schedule={"steps": 2, "warmup_steps": 0},
+                       eval={"every": 0}, checkpoint={"mlx_copy": True}, lora={"r": 4, "alpha": 8, "use_rslora": True})
+    src = Path(run_training(cfg).last_checkpoint)
+    out = scale_adapter(src, tmp_path / "scaled", 0.5)
+    for name, b_suffix in (("adapter_model.safetensors", "lora_B.weight"), ("adapters.safetensors", "lora_b")):
+        before, after = load_file(str(src / name)), load_file(str(out / name))
+        assert before.keys() == after.keys()
+        assert sum(k.endswith(b_suffix) for k in before) >= 14
+        for key, t in before.items():
+            assert torch.equal(after[key], t * 0.5 if key.endswith(b_suffix) else t), key
+    # one adapter_config.json serves both tools (mlx-lm's keys beside PEFT's): copied as it was
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config == json.loads((src / "adapter_config.json").read_text()) and config["use_rslora"]

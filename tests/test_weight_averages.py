@@ -201,17 +201,26 @@ def test_consolidated_run_saves_the_slow_weights(data_dir, tmp_path):
     assert any(not torch.equal(saved[k], other[k]) for k in saved)
 
 
-@pytest.mark.parametrize("tiers", [{"ema": 0.8}, {"consolidate": {"every": 4, "alpha": 0.5}}],
-                         ids=["ema", "consolidate"])
-def test_resume_equals_uninterrupted(data_dir, tmp_path, tiers):
+@pytest.mark.parametrize("tiers, resume", [
+    ({"ema": 0.8}, "auto"),
+    ({"consolidate": {"every": 4, "alpha": 0.5}}, "auto"),
+    # both, three tiers summing their chunks, per-tensor state; resumed from `best` (step 4, the EMA's best)
+    ({"ema": 0.8, "consolidate": {"every": 3, "alpha": 0.5}, "periods": [1, 4, 16], "accumulate": "sum"}, "best"),
+], ids=["ema", "consolidate", "both-from-best"])
+def test_resume_equals_uninterrupted(data_dir, tmp_path, tiers, resume):
     # stopped at step 6: mid-way between consolidations, the period-4 tier holding a partial chunk
-    sections = dict(tiers={"periods": [1, 4], **tiers}, eval={"every": 4})
+    sections = dict(tiers={"periods": [1, 4], **tiers}, eval={"every": 4},
+                    optim={"flat_buffers": resume == "auto"})
     full = run_training(micro_config(data_dir, tmp_path / "full", **sections))
     cfg = micro_config(data_dir, tmp_path / "split", **sections)
     stop = threading.Event()
     stopped = run_training(cfg, [Recorder(stop_at=6, stop_event=stop)], stop)
     assert stopped.status == "stopped" and stopped.step == 6
-    resumed = run_training(cfg, resume="auto")
+    if resume == "best":
+        best = tmp_path / "split" / "checkpoints" / "best"
+        assert torch.load(best / "trainer_state.pt", weights_only=False)["step"] == 4
+        resume = str(best)
+    resumed = run_training(cfg, resume=resume)
     assert resumed.status == "completed"
 
     def rows(out):

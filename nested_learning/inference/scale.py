@@ -60,7 +60,8 @@ def scale_adapter(src: str | Path, dst: str | Path, factor: float, *, overwrite:
 
     The adapter config, the run's ``config.yaml`` (so ``eval`` / ``generate`` / ``merge`` still find the base) and
     any other small files are copied; optimizer state and the checkpoint manifest are not. ``dst`` appears complete
-    or not at all (built in a temporary directory beside it, then renamed)."""
+    or not at all (built in a temporary directory beside it, then renamed); with ``overwrite`` the old ``dst`` is
+    moved aside whole and removed after the rename, so it is never seen half-deleted."""
     if not isinstance(factor, (int, float)) or not math.isfinite(factor):
         raise AdapterError(f"--factor: expected a finite number, got {factor!r}")
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
@@ -80,9 +81,13 @@ def scale_adapter(src: str | Path, dst: str | Path, factor: float, *, overwrite:
             if (tmp / name).is_file():
                 _scale_weights(tmp / name, float(factor))
         (tmp / "scaled.json").write_text(json.dumps({"source": str(src), "factor": float(factor)}, indent=2) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
+        old = None
+        if dst.exists():  # --overwrite: moved aside whole, removed only once the new copy is in place
+            old = Path(tempfile.mkdtemp(prefix=f".old-{dst.name}-", dir=dst.parent)) / dst.name
+            dst.replace(old)
         tmp.replace(dst)
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

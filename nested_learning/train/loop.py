@@ -104,10 +104,15 @@ class Evaluator:
 
     def _score(self, samples) -> dict[str, float]:
         run, ev = self.run, self.run.config.eval
+        max_batches = ev.max_batches
+        if ev.batch_size is None and max_batches is not None:
+            # The default eval batch is a rank's micro-batch, and one process's is the global one (optim.batch_size
+            # x ranks): the cap counts global batches, so any number of ranks scores the samples one process does.
+            max_batches *= run.dist.world
         with eager_stance(run.speed_plan.on("cuda_graphs")):  # padded eval batches vary in shape: no graph each
             return evaluate_samples(run.forward_model, samples, run.pad_id, metric=ev.metric,
                                     batch_size=ev.batch_size or run.config.optim.batch_size,
-                                    max_batches=ev.max_batches, device=run.device, loss_fn=run.loss_fn,
+                                    max_batches=max_batches, device=run.device, loss_fn=run.loss_fn,
                                     logits_model=run.model,  # the forward model may stop at the hidden states
                                     ranks=run.dist)  # each rank a share of the batches, sums over ranks
 
