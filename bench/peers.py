@@ -8,6 +8,10 @@
     python bench/peers.py --shapes llama1b --variants ours,peft_adamw --fit --json f.json   # largest batch, searched
     PEERS_UNSLOTH_PATH=/tmp/unsloth-site python bench/peers.py --shapes llama1b --data fixed \
         --variants peft_adamw,peer_unsloth,peer_unsloth_gc     # + the step-by-step loss check against peft_adamw
+    python bench/peers.py --shapes llama1b --data fixed,packed --batch 1 --seq-len 16384 --warmup 2 --steps 5 \
+        --variants all --json long.json        # long rows, every variant: labelled ours@b1x16384; also 32768, llama8b
+    python bench/peers.py --fit-seq --shapes llama8b --seq-len 16384 --variants all --json seq.json  # longest row
+    python bench/peers.py --cpu-smoke --data packed --batch 2 --seq-len 256     # the long-row paths, on the CPU
 
 Every variant runs in its own process (own peak memory, own compile cache state) on the same randomly
 initialised model of a real architecture (shapes below; no download), the same synthetic token data, LoRA
@@ -33,6 +37,11 @@ Variants:
 
 Data: ``fixed`` rows of exactly the sequence length; ``realistic`` lognormal lengths (mean ~300 tokens, capped
 at the sequence length). Plain loops and hf_trainer pad each batch to its longest sample; ours packs.
+``packed``: rows of exactly the sequence length, each several samples of lognormal lengths (mean 1/8 of the
+row); the plain PEFT loops and hf_trainer get them packed as transformers reads packed rows (position ids
+restarting per sample, no mask, as ``DataCollatorWithFlattening`` hands them over), Unsloth's variants get the
+same samples padded one per row; ours packs them itself (``data.packing``). ``--seq-len`` sets the row length
+(``--batch`` the rows), for long-context runs. ``--fit-seq``: the longest row that fits at batch 1, searched.
 
 Figures (real tokens/s, step and optimizer ms, peak GiB, MFU, ``fit_batch``): ``bench/peers_report.py``.
 """
@@ -53,13 +62,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from peers_fit import fit_table, is_oom, search_fit  # noqa: E402
+from peers_fit import fit_table, is_oom, search_fit, search_longest, seq_table  # noqa: E402
 from peers_report import (  # noqa: E402, F401
     add_figures, fmt_row, loss_agreement, matmul_peak, read_runs, record, table, write_json,
 )
 import peers_unsloth  # noqa: E402
 from peers_setup import (  # noqa: E402
-    SHAPES, TARGETS, StepClock, build_base, dims, lora, make_samples, model_config, pad_batch,
+    SHAPES, TARGETS, StepClock, build_base, dims, lora, make_samples, model_config, pack_batch, packed_rows, pad_batch,
 )
 from stepprof import StepProfiler  # noqa: E402
 
@@ -80,7 +89,7 @@ def run_plain(spec: dict, device) -> dict:
         patch = apply_liger_kernel_to_qwen2 if SHAPES[shape][0] == "qwen2" else apply_liger_kernel_to_llama
         patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
     if variant in peers_unsloth.VARIANTS:
-        model = peers_unsloth.build(shape, device, gc=variant == "peer_unsloth_gc")
+        model = peers_unsloth.build(shape, device, gc=variant == "peer_unsloth_gc", seq=dims(spec)[1])
     else:
         model = lora(build_base(shape, device))
     model.train()
@@ -95,7 +104,6 @@ def run_plain(spec: dict, device) -> dict:
     fwd = torch.compile(model) if variant == "peft_compile" else model
     clock = StepClock(device)
     opt_step = clock.wrap_step(opt.step)
-    samples = spec["samples"]
     n_steps = spec["warmup"] + spec["steps"]
     mem_before = torch.cuda.memory_allocated() if clock.cuda else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if clock.cuda else torch.autocast("cpu", enabled=False)
@@ -104,8 +112,7 @@ def run_plain(spec: dict, device) -> dict:
     n_steps += prof.extra_steps
     clock.mark()
     for i in range(n_steps):
-        rows = [samples[(i * batch + j) % len(samples)] for j in range(batch)]
-        inputs = pad_batch(rows, device)
+        inputs, lengths = step_batch(spec, i, batch, device, packs=variant not in peers_unsloth.VARIANTS)
         with autocast:
             loss = fwd(**inputs).loss
         loss.backward()
@@ -113,8 +120,8 @@ def run_plain(spec: dict, device) -> dict:
         opt_step()
         model.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-        clock.tokens.append(sum(map(len, rows)))
-        clock.lengths.append([len(r) for r in rows])
+        clock.tokens.append(sum(lengths))
+        clock.lengths.append(lengths)
         clock.mark()
         prof.tick(i + 1)
     out = clock.summary(spec["warmup"], spec["steps"])
@@ -126,6 +133,19 @@ def run_plain(spec: dict, device) -> dict:
     return out
 
 
+def step_batch(spec: dict, i: int, batch: int, device, packs: bool) -> tuple[dict, list[int]]:
+    """Model inputs of step ``i`` and its sample lengths. ``packed`` data: ``batch`` rows of several samples,
+    packed (``packs``: position ids restarting per sample, no mask) or, for a peer that cannot pack, the same
+    samples padded one per row; otherwise ``batch`` samples padded to the longest."""
+    if spec["data"] == "packed":
+        rows = [spec["rows"][(i * batch + j) % len(spec["rows"])] for j in range(batch)]
+        flat = [s for r in rows for s in r]
+        return (pack_batch(rows, device) if packs else pad_batch(flat, device)), [len(s) for s in flat]
+    samples = spec["samples"]
+    rows = [samples[(i * batch + j) % len(samples)] for j in range(batch)]
+    return pad_batch(rows, device), [len(r) for r in rows]
+
+
 def run_hf_trainer(spec: dict, device) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -134,19 +154,22 @@ def run_hf_trainer(spec: dict, device) -> dict:
     model = lora(build_base(shape, device))
     params = [p for p in model.parameters() if p.requires_grad]
     clock = StepClock(device)
-    samples = spec["samples"]
+    packed = spec["data"] == "packed"
+    items = spec["rows"] if packed else spec["samples"]  # packed: one item is a row of samples
 
     class Data(torch.utils.data.Dataset):
         def __len__(self):
-            return len(samples)
+            return len(items)
 
         def __getitem__(self, i):
-            return samples[i]
+            return items[i]
 
     def collator(rows):
-        clock.tokens.append(sum(map(len, rows)))
-        clock.lengths.append([len(r) for r in rows])
-        return pad_batch(rows, "cpu")
+        lengths = [len(s) for r in rows for s in r] if packed else [len(r) for r in rows]
+        clock.tokens.append(sum(lengths))
+        clock.lengths.append(lengths)
+        # packed rows as DataCollatorWithFlattening hands them over: position ids restarting, no mask
+        return pack_batch(rows, "cpu") if packed else pad_batch(rows, "cpu")
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -257,7 +280,10 @@ def worker(spec: dict) -> dict:
         peers_unsloth.import_unsloth()  # before transformers and PEFT, which it patches
     device = torch.device("cuda" if torch.cuda.is_available() and not spec.get("cpu") else "cpu")
     torch.manual_seed(0)
-    spec["samples"] = make_samples(spec["shape"], spec["data"], spec["n_tokens"])
+    seq = dims(spec)[1]
+    spec["samples"] = make_samples(spec["shape"], spec["data"], spec["n_tokens"], seq=seq)
+    if spec["data"] == "packed":
+        spec["rows"] = packed_rows(spec["samples"], seq)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     v = spec["variant"]
@@ -273,7 +299,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="qwen0.5b,llama1b")
     ap.add_argument("--data", default="fixed,realistic")
-    ap.add_argument("--variants", default=",".join(VARIANTS) + ",ours_check")
+    ap.add_argument("--variants", default=",".join(VARIANTS) + ",ours_check",
+                    help="comma-separated; `all`: every variant but ours_check")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default=None, help="write (or merge into) this JSON file")
@@ -287,7 +314,15 @@ def main() -> None:
                          "the estimated largest batch fits")
     ap.add_argument("--fit", action="store_true",
                     help="search the largest batch that fits at each shape's length, per variant (fixed rows)")
-    ap.add_argument("--fit-tries", type=int, default=3, help="runs per variant in a --fit search")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per row instead of the shape's own (results are labelled @bBxT); with --fit-seq, "
+                         "the first length tried")
+    ap.add_argument("--fit-seq", action="store_true",
+                    help="search the longest row that fits at batch 1, per variant (fixed rows; doubling from the "
+                         "shape's length or --seq-len, then bisecting to --seq-step tokens)")
+    ap.add_argument("--seq-step", type=int, default=1024, help="resolution of a --fit-seq search (tokens)")
+    ap.add_argument("--fit-tries", type=int, default=None,
+                    help="runs per variant in a --fit search (default 3) or a --fit-seq search (default 6)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, 1+2 steps per variant")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -299,21 +334,29 @@ def main() -> None:
 
     if args.cpu_smoke:
         args.shapes, args.warmup, args.steps = "smoke", 1, 2
+        args.seq_step = min(args.seq_step, 32)
+    if args.fit_tries is None:
+        args.fit_tries = 6 if args.fit_seq else 3
+    if args.variants == "all":
+        args.variants = ",".join(VARIANTS)
     peak = matmul_peak(args.cpu_smoke)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/peers-inductor"),
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     results = read_runs(args.json)
 
-    def launch(shape: str, setting: str, variant: str, batch: int, warmup: int, steps: int, label: bool) -> dict:
+    def launch(shape: str, setting: str, variant: str, batch: int, warmup: int, steps: int, label: bool,
+               seq: int | None = None) -> dict:
         """One variant in its own process; its result (or ``error``) recorded under its (labelled) name."""
-        seq = SHAPES[shape][3]
-        n_tokens = (warmup + steps + 6) * batch * seq * (1 if setting == "fixed" else 2)
+        seq = seq or args.seq_len or SHAPES[shape][3]
+        n_tokens = (warmup + steps + 6) * batch * seq * (2 if setting == "realistic" else 1)
         spec = dict(shape=shape, data=setting, variant=variant, warmup=warmup, steps=steps, n_tokens=n_tokens,
                     cpu=args.cpu_smoke, profile=args.profile, overrides=args.set if variant.startswith("ours") else [],
-                    batch=batch)
+                    batch=batch, seq=seq)
         if variant.startswith("ours") and args.tag:
             variant = spec["label"] = f"{variant}+{args.tag}"
-        if label:
+        if seq != SHAPES[shape][3]:  # another row length: @b<rows>x<length>
+            variant = spec["label"] = f"{variant}@b{batch}x{seq}"
+        elif label:
             variant = spec["label"] = f"{variant}@b{batch}"
         t0 = time.perf_counter()
         own_env = peers_unsloth.worker_env(env) if spec["variant"] in peers_unsloth.VARIANTS else env
@@ -333,6 +376,9 @@ def main() -> None:
     if args.fit:
         search_all(args, results, launch, peak)
         return
+    if args.fit_seq:
+        search_seq_all(args, launch, peak)
+        return
     for shape in args.shapes.split(","):
         batch = args.batch or SHAPES[shape][2]
         for setting in args.data.split(","):
@@ -343,24 +389,31 @@ def main() -> None:
                     print(f"{variant}: skipped in --cpu-smoke (Unsloth trains on a GPU only)", flush=True)
                     continue
                 steps = 10 if variant == "ours_check" and not args.cpu_smoke else args.steps
-                launch(shape, setting, variant, batch, args.warmup, steps, label=bool(args.batch))
+                launch(shape, setting, variant, batch, args.warmup, steps, label=bool(args.batch or args.seq_len))
     print()
     print(table(results))
     for line in loss_agreement(results):
         print(line)
 
 
-def search_all(args, results: list, launch, peak: float) -> None:
-    """``--fit``: per shape and variant, bracket the largest batch at the shape's length (fixed-length rows).
-    Searches already in the ``--json`` file are kept, except for the shapes and labels searched again."""
+def searched_before(args, key: str) -> tuple[list[str], list[str], dict[str, str], list[dict]]:
+    """(shapes, variants, result label per variant, the searches under ``key`` in the ``--json`` file that this
+    invocation does not search again)."""
     variants = [v for v in args.variants.split(",") if v != "ours_check"]  # ours_check: a same-math run only
     labels = {v: f"{v}+{args.tag}" if v.startswith("ours") and args.tag else v for v in variants}
     shapes = args.shapes.split(",")
     searches = []
     if args.json and Path(args.json).exists():
         redo = {(sh, labels[v]) for sh in shapes for v in variants}
-        searches = [s for s in json.loads(Path(args.json).read_text()).get("fit_search", [])
+        searches = [s for s in json.loads(Path(args.json).read_text()).get(key, [])
                     if (s["shape"], s["variant"]) not in redo]
+    return shapes, variants, labels, searches
+
+
+def search_all(args, results: list, launch, peak: float) -> None:
+    """``--fit``: per shape and variant, bracket the largest batch at the shape's length (fixed-length rows).
+    Searches already in the ``--json`` file are kept, except for the shapes and labels searched again."""
+    shapes, variants, labels, searches = searched_before(args, "fit_search")
     for shape in shapes:
         for variant in variants:
             tries = []
@@ -395,6 +448,37 @@ def search_all(args, results: list, launch, peak: float) -> None:
                 write_json(args.json, read_runs(args.json), peak, fit_search=searches)
     print()
     print(fit_table(searches))
+
+
+def search_seq_all(args, launch, peak: float) -> None:
+    """``--fit-seq``: per shape and variant, the longest row that fits at batch 1 (fixed rows, 1 + 2 steps per
+    try, each a fresh process): doubling from ``--seq-len`` (or the shape's length) until a row runs out of
+    memory, then bisecting to ``--seq-step`` tokens. Kept in the ``--json`` file under ``fit_seq_search``;
+    searches of other shapes and labels already there stay."""
+    shapes, variants, labels, searches = searched_before(args, "fit_seq_search")
+    for shape in shapes:
+        for variant in variants:
+            tries = []
+
+            def fits(seq: int, shape=shape, variant=variant, tries=tries) -> bool:
+                res = launch(shape, "fixed", variant, 1, 1, 2, label=True, seq=seq)
+                if "error" in res and not is_oom(res["error"]):
+                    raise RuntimeError(f"{shape} {variant} at 1 x {seq}: {res['error'].strip()[-300:]}")
+                tries.append({"seq": seq, "fits": "error" not in res, "process_s": round(res["process_s"], 1),
+                              **{k: res[k] for k in ("peak_gib", "real_tokens_per_s") if k in res}})
+                return "error" not in res
+
+            try:
+                search_longest(fits, args.seq_len or SHAPES[shape][3], tries=args.fit_tries, step=args.seq_step)
+            except RuntimeError as e:  # not out of memory: the tries so far still bracket what they can
+                print("   ", e, flush=True)
+            searches.append(dict(shape=shape, variant=labels[variant],
+                                 fit=max((t["seq"] for t in tries if t["fits"]), default=None),
+                                 oom=min((t["seq"] for t in tries if not t["fits"]), default=None), tries=tries))
+            if args.json:
+                write_json(args.json, read_runs(args.json), peak, fit_seq_search=searches)
+    print()
+    print(seq_table(searches))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The largest batch that fits, searched: ``bench/peers.py --fit`` runs a variant at candidate batch sizes (each in
 its own process, a few steps, so optimizer state and the compiled graph are in place) and brackets the largest
 one that runs without running out of GPU memory. The search starts at an estimate (the ``fit_batch`` of an earlier
-run of the same shape and variant) and spends a fixed number of tries, so a compiled variant costs a known time."""
+run of the same shape and variant) and spends a fixed number of tries, so a compiled variant costs a known time.
+``--fit-seq`` searches the longest row at batch 1 the same way (``search_longest``), doubling instead of +10%."""
 
 from __future__ import annotations
 
@@ -52,4 +53,44 @@ def fit_table(searches: list[dict]) -> str:
         peak = next((f"{t['peak_gib']:.1f}" for t in s["tries"] if t["batch"] == s["fit"] and "peak_gib" in t), "-")
         lines.append(f"| {s['shape']} | {s['variant']} | {fit} | {s['oom'] if s['oom'] is not None else '-'} | "
                      f"{peak} | {tried} |")
+    return "\n".join(lines)
+
+
+def search_longest(fits: Callable[[int], bool], start: int, tries: int = 6,
+                   step: int = 1024) -> tuple[int | None, int | None]:
+    """``(longest row seen to fit, shortest seen to fail)`` after at most ``tries`` calls of ``fits``.
+
+    From ``start``: double while every row fits, halve while none does, then bisect on multiples of ``step``
+    until the bracket is ``step`` wide. ``fits`` raises for anything other than running out of memory."""
+    lo = hi = None
+    n = max(1, start)
+    for _ in range(tries):
+        if fits(n):
+            lo = n
+        else:
+            hi = n
+        if hi is None:
+            n = lo * 2
+        elif lo is None:
+            n = max(step, hi // 2 // step * step)
+            if n >= hi:  # cannot go below one step
+                break
+        else:
+            n = (lo + hi) // 2 // step * step
+            if n <= lo:  # the bracket is one step wide
+                break
+    return lo, hi
+
+
+def seq_table(searches: list[dict]) -> str:
+    """Markdown: per shape and variant, the longest row (batch 1) that ran and the shortest that ran out of memory."""
+    lines = ["| shape | variant | longest row that fit | ran out at | peak GiB at the fit | tok/s at the fit | tries |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for s in searches:
+        best = next((t for t in s["tries"] if t["seq"] == s["fit"]), {})
+        tried = ", ".join(f"{t['seq']}{'' if t['fits'] else ' OOM'}" for t in s["tries"])
+        peak = f"{best['peak_gib']:.1f}" if "peak_gib" in best else "-"
+        tps = f"{best['real_tokens_per_s']:,.0f}" if best.get("real_tokens_per_s") else "-"
+        lines.append(f"| {s['shape']} | {s['variant']} | {s['fit'] if s['fit'] is not None else '-'} | "
+                     f"{s['oom'] if s['oom'] is not None else '-'} | {peak} | {tps} | {tried} |")
     return "\n".join(lines)

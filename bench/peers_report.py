@@ -88,8 +88,10 @@ def record(results: list, res: dict, peak: float, path: str | None) -> list:
     return results
 
 
-def write_json(path: str, results: list, peak: float, fit_search: list | None = None) -> None:
-    """``{"meta", "runs", "fit_search"}``; a file's earlier ``fit_search`` is kept unless a new one is given."""
+def write_json(path: str, results: list, peak: float, fit_search: list | None = None,
+               fit_seq_search: list | None = None) -> None:
+    """``{"meta", "runs", "fit_search", "fit_seq_search"}``; a file's earlier searches are kept unless new ones
+    are given."""
     meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "matmul_peak_tflops": peak, "argv": sys.argv}
     try:
@@ -103,8 +105,9 @@ def write_json(path: str, results: list, peak: float, fit_search: list | None = 
     if peak != peak and old.get("matmul_peak_tflops"):
         meta["matmul_peak_tflops"] = old["matmul_peak_tflops"]
     out = {"meta": meta, "runs": results}
-    if fit_search is not None or prior.get("fit_search"):
-        out["fit_search"] = fit_search if fit_search is not None else prior["fit_search"]
+    for key, given in (("fit_search", fit_search), ("fit_seq_search", fit_seq_search)):
+        if given is not None or prior.get(key):
+            out[key] = given if given is not None else prior[key]
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(path)

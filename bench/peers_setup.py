@@ -28,9 +28,9 @@ SHAPES = {
 
 
 def dims(spec: dict) -> tuple[int, int]:
-    """(batch rows, sequence length) of a run: the shape's own, or ``--batch`` when given."""
+    """(batch rows, sequence length) of a run: the shape's own, or ``--batch`` / ``--seq-len`` when given."""
     _, _, batch, seq = SHAPES[spec["shape"]]
-    return spec.get("batch") or batch, seq
+    return spec.get("batch") or batch, spec.get("seq") or seq
 
 
 def model_config(shape: str):
@@ -53,22 +53,52 @@ def build_base(shape: str, device: torch.device, seed: int = 0):
     return model
 
 
-def make_samples(shape: str, setting: str, n_tokens: int, seed: int = 0) -> list[list[int]]:
-    """Token-id samples: all of length T (fixed) or lognormal lengths of mean ~300 capped at T (realistic)."""
-    _, kwargs, _, seq = SHAPES[shape]
+def make_samples(shape: str, setting: str, n_tokens: int, seed: int = 0, seq: int | None = None) -> list[list[int]]:
+    """Token-id samples for rows of ``seq`` tokens (the shape's own length when None): all of length ``seq``
+    (fixed), lognormal lengths of mean ~300 capped at ``seq`` (realistic), or lognormal lengths of mean
+    ``seq / 8`` cut so that consecutive samples fill rows of exactly ``seq`` tokens (packed: ``packed_rows``
+    regroups them; a sample that would cross a row's end is cut there)."""
+    _, kwargs, _, own = SHAPES[shape]
+    seq = seq or own
     g = torch.Generator().manual_seed(seed)
     vocab = kwargs["vocab_size"]
     out, total = [], 0
-    mean = min(300, seq // 4)
+    mean = max(8, seq // 8) if setting == "packed" else min(300, seq // 4)
     mu, sigma = math.log(mean) - 0.5, 1.0
     while total < n_tokens:
         if setting == "fixed":
             n = seq
         else:
             n = int(min(seq, max(8, round(math.exp(mu + sigma * float(torch.randn((), generator=g)))))))
+        if setting == "packed":
+            n = min(n, seq - total % seq)  # what is left of the row
         out.append(torch.randint(3, vocab, (n,), generator=g).tolist())
         total += n
     return out
+
+
+def packed_rows(samples: list[list[int]], seq: int) -> list[list[list[int]]]:
+    """``packed`` samples regrouped into their rows of exactly ``seq`` tokens (a short last row is dropped)."""
+    rows, row, used = [], [], 0
+    for s in samples:
+        row.append(s)
+        used += len(s)
+        if used == seq:
+            rows.append(row)
+            row, used = [], 0
+    return rows
+
+
+def pack_batch(rows: list[list[list[int]]], device) -> dict:
+    """Rows of several samples each, as transformers reads packed rows: no attention mask, ``position_ids``
+    restarting at 0 for each sample, and no loss on a sample's first token (nothing of its own precedes it)."""
+    ids, pos, labels = [], [], []
+    for row in rows:
+        ids.append([t for s in row for t in s])
+        pos.append([i for s in row for i in range(len(s))])
+        labels.append([-100 if i == 0 else t for s in row for i, t in enumerate(s)])
+    as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": as_t(ids), "position_ids": as_t(pos), "labels": as_t(labels)}
 
 
 def lora(model, seed: int = 0):

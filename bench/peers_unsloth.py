@@ -74,12 +74,12 @@ def save_random_model(shape: str, device, folder: str) -> dict[str, torch.Tensor
     return adapter
 
 
-def build(shape: str, device, gc: bool):
+def build(shape: str, device, gc: bool, seq: int | None = None):
     """Unsloth's LoRA model of ``shape``, the benchmark's weights and initial adapter; gradient checkpointing
-    ``"unsloth"`` when ``gc``, else off."""
+    ``"unsloth"`` when ``gc``, else off. ``seq``: the row length trained (the shape's own when None)."""
     from unsloth import FastLanguageModel
 
-    seq = SHAPES[shape][3]
+    seq = seq or SHAPES[shape][3]
     checkpointing = "unsloth" if gc else False
     with tempfile.TemporaryDirectory(prefix="peers-unsloth-") as folder:
         adapter = save_random_model(shape, device, folder)

@@ -100,3 +100,83 @@ def test_a_probe_that_runs_out_of_memory_is_an_upper_bound(tmp_path):
     got = run_search(tmp_path, "peft_adamw", launch, tries=8)["peft_adamw"]
     assert calls == [("peft_adamw", 2), ("peft_adamw", 1)]  # 2 is never tried again
     assert (got["fit"], got["oom"]) == (1, 2)
+
+
+@pytest.mark.parametrize("limit,start,tries,want,want_tried", [
+    (40000, 16384, 6, (36864, 40960), [16384, 32768, 65536, 49152, 40960, 36864]),  # double, then bisect
+    (5000, 16384, 6, (4096, 5120), [16384, 8192, 4096, 6144, 5120]),                # halve, then bisect
+    (100, 4096, 6, (None, 1024), [4096, 2048, 1024]),                               # not even one step fits
+    (9000, 8192, 6, (8192, 9216), [8192, 16384, 12288, 10240, 9216]),               # stops one step wide
+])
+def test_longest_row_search_doubles_then_bisects_on_steps(limit, start, tries, want, want_tried):
+    from peers_fit import search_longest
+
+    fits, tried = card(limit)
+    assert search_longest(fits, start, tries=tries, step=1024) == want
+    assert tried == want_tried
+
+
+def test_seq_driver_tries_batch_one_rows_and_keeps_the_batch_search(tmp_path):
+    import argparse
+
+    import peers
+
+    (tmp_path / "fit.json").write_text(json.dumps({"runs": [], "fit_search": [{"shape": "smoke", "variant": "x"}]}))
+    calls = []
+
+    def launch(shape, setting, variant, batch, warmup, steps, label, seq=None):
+        calls.append((variant, batch, seq))
+        if seq > 200:
+            return {"error": "torch.OutOfMemoryError: CUDA out of memory.", "process_s": 1.0}
+        return {"process_s": 1.0, "peak_gib": seq / 100, "real_tokens_per_s": 1000.0}
+
+    args = argparse.Namespace(shapes="smoke", variants="ours,ours_check", tag="", seq_len=None, fit_tries=6,
+                              seq_step=32, json=str(tmp_path / "fit.json"))
+    peers.search_seq_all(args, launch, float("nan"))
+    saved = json.loads((tmp_path / "fit.json").read_text())
+    assert calls == [("ours", 1, 64), ("ours", 1, 128), ("ours", 1, 256), ("ours", 1, 192), ("ours", 1, 224)]
+    got = saved["fit_seq_search"][0]
+    assert (got["variant"], got["fit"], got["oom"]) == ("ours", 192, 224)
+    assert saved["fit_search"] == [{"shape": "smoke", "variant": "x"}]
+    assert "| smoke | ours | 192 | 224 | 1.9 | 1,000 |" in peers.seq_table(saved["fit_seq_search"])
+
+
+def test_packed_rows_are_exactly_full_and_keep_their_samples_apart():
+    """Packed peers hand transformers rows with restarting position ids and no mask: every sample's logits must
+    be those of the sample alone (so packing changes no number a peer computes)."""
+    import torch
+    from peers_setup import build_base, make_samples, pack_batch, packed_rows, pad_batch
+
+    samples = make_samples("smoke", "packed", 3 * 64, seq=64)
+    rows = packed_rows(samples, 64)
+    assert len(rows) == 3 and all(sum(map(len, r)) == 64 and len(r) > 1 for r in rows)
+    assert [s for r in rows for s in r] == samples
+    model = build_base("smoke", torch.device("cpu"))
+    packed = pack_batch(rows, "cpu")
+    assert "attention_mask" not in packed and packed["position_ids"][0, 0] == 0
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
+        for r, row in enumerate(rows):
+            at = 0
+            for s in row:
+                alone = model(**{k: v for k, v in pad_batch([s], "cpu").items() if k != "labels"}).logits[0]
+                torch.testing.assert_close(logits[r, at : at + len(s)], alone, rtol=1e-4, atol=1e-4)
+                at += len(s)
+    # no loss on a sample's first token: it would be predicted from the sample before it
+    starts = (packed["position_ids"] == 0)
+    assert (packed["labels"][starts] == -100).all() and (packed["labels"][~starts] != -100).all()
+
+
+@pytest.mark.parametrize("variant", ["peft_adamw", "ours"])
+def test_a_worker_trains_packed_long_rows_on_the_cpu(variant):
+    """``--data packed --batch 1 --seq-len 128`` in one worker: every step is one full row of several samples."""
+    import peers
+
+    spec = {"shape": "smoke", "data": "packed", "variant": variant, "warmup": 1, "steps": 2, "n_tokens": 9 * 128,
+            "cpu": True, "profile": None, "overrides": [], "batch": 1, "seq": 128}
+    res = peers.worker(spec)
+    assert res["timed_steps"] == 2 and res["step_ms"] > 0
+    assert 8 <= res["mean_len"] < 128  # several samples per row, none longer than the row
+    if variant == "peft_adamw":  # a peer packs exactly one row per step: 128 real tokens
+        assert len(res["losses"]) == 3 and all(5.5 < x < 7 for x in res["losses"])  # ~ln(512) on random weights
+        assert round(res["real_tokens_per_s"] * sum(res["step_ms_all"]) / 1e3) == 2 * 128
