@@ -2,7 +2,8 @@
 
 ``spawn_ranks`` starts ``world`` processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT) running ``python tests/distkit.py SPEC.json``. Each rank runs the spec's jobs in order
-(one process pays the imports once for all of them): ``train`` builds and trains a run (``stop_at``: rank 0
+(one process pays the imports once for all of them): ``train`` builds and trains a run (``train_error``: one
+that must fail; each rank records its error) (``stop_at``: rank 0
 asks for a stop after that step; ``resume``; ``count``: record every ``torch.distributed.all_reduce`` call);
 ``copy`` copies a run directory on rank 0. Rank 0 writes its results to ``SPEC.json.out``, rank r > 0 to
 ``SPEC.json.out.r``; ``cwd`` (one folder per rank) makes each rank start in its own folder, so a relative model
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import threading
 from pathlib import Path
 from typing import Any
@@ -194,6 +196,14 @@ def main(spec_path: str) -> None:
                 shutil.copytree(job["src"], job["dst"])
             continue
         cfg = case_config(spec["data"], job["out"], job["case"], batch_size=4)
+        if job["kind"] == "train_error":  # a run that must fail on every rank, each naming why
+            start = time.monotonic()
+            try:
+                train_case(cfg)
+                results[job["name"]] = {"error": None}
+            except ValueError as exc:
+                results[job["name"]] = {"error": f"{type(exc).__name__}: {exc}", "s": time.monotonic() - start}
+            continue
         results[job["name"]] = train_case(cfg, stop_at=job.get("stop_at"), resume=job.get("resume"),
                                           count=job.get("count", False), handed=job.get("handed", False))
     distributed.shutdown()

@@ -6,6 +6,7 @@ One module-scoped spawn runs every 2-rank training case in the same two processe
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -87,6 +88,8 @@ def two_ranks(data, tmp_path_factory, micro_checkpoint) -> tuple[dict, Path]:
         {"kind": "train", "name": "fsdp-stopped", "out": str(root / "fsdp"), "case": FSDP_STOP, "stop_at": 3},
         {"kind": "train", "name": "fsdp-resumed", "out": str(root / "fsdp"), "case": FSDP_STOP, "resume": "auto"},
         {"kind": "train", "name": "fsdp-dir", "out": str(root / "fsdp-dir"), "case": FSDP_DIR},
+        {"kind": "train_error", "name": "fsdp-mismatch", "out": str(root / "fsdp-mismatch"),
+         "case": {**FSDP_DIR, "model": "./model-other-config", "lora": {}}},
         {"kind": "train", "name": "fsdp-handed", "out": str(root / "fsdp-handed"), "case": FSDP["fsdp-chunked-every"],
          "handed": True},
     ]
@@ -109,6 +112,11 @@ def _model_folders(root: Path, checkpoint: Path) -> None:
     model.save_pretrained(root / "rank0" / "model")
     tokenizer.save_pretrained(root / "rank0" / "model")
     shutil.copytree(root / "rank0" / "model", root / "rank1" / "model", ignore=shutil.ignore_patterns("*.safetensors"))
+    # rank1/model-other-config: a config that disagrees with the weights rank 0 reads (a stale copy on one node)
+    shutil.copytree(root / "rank0" / "model", root / "rank0" / "model-other-config")
+    shutil.copytree(root / "rank1" / "model", root / "rank1" / "model-other-config")
+    config = root / "rank1" / "model-other-config" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "intermediate_size": 40}))
 
 
 def reference(data, out, case, **kwargs) -> dict:
@@ -194,6 +202,18 @@ def test_fsdp_loads_a_model_folder_on_rank_0_alone(two_ranks, data, tmp_path, on
     local, whole, kept = other["frozen_bytes"]
     assert abs((local - kept) - (whole - kept) / 2) <= 0.01 * whole and other["base_bytes_read"] == 0
     assert got["base_bytes_read"] >= whole
+
+
+def test_fsdp_config_disagreeing_with_rank_0s_weights_fails_on_every_rank(two_ranks):
+    """A rank whose model config does not match the weights rank 0 read stops before any tensor is sent, naming
+    the tensors; rank 0 stops too, with a pointer to it, instead of waiting for the timeout."""
+    results, _ = two_ranks
+    mine, other = results["fsdp-mismatch"], results["other_ranks"][0]["fsdp-mismatch"]
+    assert other["error"].startswith("ModelError: model.name_or_path: the weights of './model-other-config' do not "
+                                     "match its config:")
+    assert "mlp.gate_proj.base_layer.weight: shape (" in other["error"] and "in the config" in other["error"]
+    assert mine["error"].startswith("ModelError: model.name_or_path: on another rank the model config")
+    assert max(mine["s"], other["s"]) < 30  # distributed.timeout_s is 60 in these cases
 
 
 def test_evaluation_batches_are_shared_by_the_ranks():

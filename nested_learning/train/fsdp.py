@@ -29,12 +29,12 @@ import torch.distributed as dist
 from torch import nn
 
 from nested_learning.config import ConfigError, TrainConfig
-from nested_learning.model.loading import load_model, resolve_dtype, unwrap_model
+from nested_learning.model.loading import ModelError, load_model, resolve_dtype, unwrap_model
 from nested_learning.model.lora import wrap_lora
 from nested_learning.model.skeleton import build_skeleton
 from nested_learning.train.distributed import DistContext
 
-__all__ = ["decoder_layers", "load_sharded", "local_frozen_bytes", "shard_frozen_base"]
+__all__ = ["check_against_skeleton", "decoder_layers", "load_sharded", "local_frozen_bytes", "shard_frozen_base"]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -102,6 +102,39 @@ def _read_full(cfg: TrainConfig, dtype: torch.dtype, prepare_adapter: Callable[[
     return state, buffers, read
 
 
+def check_against_skeleton(got: dict[str, tuple[int, ...]], skeleton: nn.Module, source: str) -> None:
+    """ModelError naming the tensors when the weights read (``got``: name -> shape) do not have exactly the names
+    and shapes of the model built from the config (``skeleton``, on the meta device)."""
+    want = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    problems = [f"missing {n}" for n in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected {n}" for n in sorted(got.keys() - want.keys())]
+    problems += [f"{n}: shape {got[n]} in the weights, {want[n]} in the config"
+                 for n in sorted(want.keys() & got.keys()) if want[n] != got[n]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelError(f"model.name_or_path: the weights of {source!r} do not match its config: "
+                         f"{'; '.join(problems[:3])}{more}")
+
+
+def _agree_on_shapes(ctx: DistContext, state: dict[str, torch.Tensor], skeleton: nn.Module, source: str) -> None:
+    """Every rank checks its skeleton against the names and shapes of the weights rank 0 read, before any
+    broadcast of tensors: a mismatch there would fail on some ranks and leave the others waiting until the
+    timeout. Every rank raises: the ones that found a mismatch name the tensors."""
+    shapes = [{name: tuple(t.shape) for name, t in state.items()}]
+    try:
+        dist.broadcast_object_list(shapes, src=0, group=ctx.control)
+    except RuntimeError as exc:
+        raise ctx._failed("sending the base weights' shapes from rank 0", exc) from None
+    error = None
+    try:
+        check_against_skeleton(shapes[0], skeleton, source)
+    except ModelError as exc:
+        error = exc
+    if ctx.agree_any(error is not None, "checking the base weights against the model config"):
+        raise error or ModelError(f"model.name_or_path: on another rank the model config of {source!r} does not "
+                                  "match the weights rank 0 read (that rank's error names the tensors)")
+
+
 def load_sharded(cfg: TrainConfig, ctx: DistContext, device: torch.device,
                  prepare_adapter: Callable[[Any], None]) -> tuple[Any, int]:
     """The LoRA-wrapped model of ``cfg`` with its frozen base sharded over the ranks of ``ctx``, loaded without
@@ -115,6 +148,7 @@ def load_sharded(cfg: TrainConfig, ctx: DistContext, device: torch.device,
     state, buffers, read = full if full is not None else ({}, {}, 0)
     # The same wrap as rank 0's, from the same seed: every rank leaves it with the same RNG state.
     model = wrap_lora(build_skeleton(cfg.model, dtype), cfg.lora, seed=cfg.seed)
+    _agree_on_shapes(ctx, state, model, cfg.model.name_or_path)
     shard_frozen_base(model, ctx, device)
     model.to_empty(device=device)
     try:
