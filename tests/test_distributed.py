@@ -86,6 +86,7 @@ def two_ranks(data, tmp_path_factory, micro_checkpoint) -> tuple[dict, Path]:
         {"kind": "copy", "src": str(root / "resumed"), "dst": str(root / "stopped-copy")},
         {"kind": "train", "name": "resumed", "out": str(root / "resumed"), "case": CASES[STOP], "resume": "auto"},
         {"kind": "train", "name": "fsdp-stopped", "out": str(root / "fsdp"), "case": FSDP_STOP, "stop_at": 3},
+        {"kind": "copy", "src": str(root / "fsdp"), "dst": str(root / "fsdp-stopped-copy")},
         {"kind": "train", "name": "fsdp-resumed", "out": str(root / "fsdp"), "case": FSDP_STOP, "resume": "auto"},
         {"kind": "train", "name": "fsdp-dir", "out": str(root / "fsdp-dir"), "case": FSDP_DIR},
         {"kind": "train_error", "name": "fsdp-mismatch", "out": str(root / "fsdp-mismatch"),
@@ -183,6 +184,19 @@ def test_fsdp_shards_the_frozen_base_and_trains_as_one_process(two_ranks, data, 
                     tol=1e-6)
     for name in CASES:  # ddp keeps the whole base on every rank
         assert results[name]["frozen_bytes"][0] == results[name]["frozen_bytes"][1]
+
+
+def test_one_process_resumes_a_two_rank_fsdp_checkpoint(two_ranks, data, one_thread, tmp_path):
+    """The checkpoint of a sharded run is a plain PEFT adapter plus the replicated trainer state: one process
+    (same global micro-batch, no sharding) continues it as the uninterrupted one-process run."""
+    results, root = two_ranks
+    stopped = results["fsdp-stopped"]
+    one_case = {**FSDP_STOP, "strategy": "ddp"}
+    ref = reference(data, tmp_path / "ref", one_case, sync=FSDP_STOP["tier_sync"])
+    one = train_case(case_config(data, root / "fsdp-stopped-copy", one_case, batch_size=8), resume="auto",
+                     sync=FSDP_STOP["tier_sync"])
+    assert one["status"] == "completed"
+    assert_same_run({**one, "losses": stopped["losses"] + one["losses"]}, ref)
 
 
 def test_fsdp_loads_a_model_folder_on_rank_0_alone(two_ranks, data, tmp_path, one_thread):
