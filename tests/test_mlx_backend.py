@@ -37,11 +37,23 @@ def _mlx_adapter(ckpt) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ 1. parity
-@pytest.mark.parametrize("accumulate", ["mean", "sum", "last"])
-def test_torch_and_mlx_take_the_same_steps(tmp_path, accumulate):
+# tiers section per case (periods [1, 2, 4] in all); grad_accum 2 in the first. With ema / consolidate the run
+# also evaluates every 4 steps: the eval rows (EMA weights, or fast weights consolidated every 3 steps) must match.
+PARITY_CASES = {
+    "mean": {"accumulate": "mean"},
+    "sum": {"accumulate": "sum"},
+    "last": {"accumulate": "last"},
+    "ema": {"accumulate": "mean", "ema": 0.8},
+    "consolidate": {"accumulate": "sum", "consolidate": {"every": 3, "alpha": 0.5}},
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_torch_and_mlx_take_the_same_steps(tmp_path, case):
     """The embedded micro-llama in torch and its MLX twin (the same weights), the same LoRA init (copied from
     the PEFT model), the same batches: the 10 step losses agree within 2e-5 (float32, relative), periods [1, 2, 4],
-    grad_accum 2 (in one mode) and clipping on, for every accumulate mode; so do the final adapters."""
+    grad_accum 2 (in one mode) and clipping on, for every accumulate mode and with tiers.ema / tiers.consolidate;
+    so do the final adapters (the EMA, or the slow weights after the end-of-run consolidation) and eval rows."""
     from mlx.utils import tree_flatten, tree_unflatten
 
     from nested_learning.mlx.train import build_mlx_run, train_mlx
@@ -49,10 +61,12 @@ def test_torch_and_mlx_take_the_same_steps(tmp_path, accumulate):
     from nested_learning.train.setup import build_run
 
     data = write_data(tmp_path / "data")
-    sections = dict(tiers={"periods": [1, 2, 4], "accumulate": accumulate},
-                    optim={"lr": 1e-2, "batch_size": 4, "grad_accum": 2 if accumulate == "mean" else 1,
+    tiers = {"periods": [1, 2, 4], **PARITY_CASES[case]}
+    averaging = "ema" in tiers or "consolidate" in tiers
+    sections = dict(tiers=tiers,
+                    optim={"lr": 1e-2, "batch_size": 4, "grad_accum": 2 if case == "mean" else 1,
                            "max_grad_norm": 0.5},
-                    eval={"every": 0}, checkpoint={"save_best": False})
+                    eval={"every": 4 if averaging else 0}, checkpoint={"save_best": False})
     torch_run = build_run(micro_config(data, tmp_path / "torch", **sections))
     mlx_run = build_mlx_run(micro_config(data, tmp_path / "mlx", backend="mlx", **sections))
 
@@ -80,6 +94,21 @@ def test_torch_and_mlx_take_the_same_steps(tmp_path, accumulate):
         module = key.removeprefix("base_model.model.").split(".lora_")[0]
         leaf = "lora_a" if ".lora_A." in key else "lora_b"
         np.testing.assert_allclose(ours[f"{module}.{leaf}"], value.numpy().T, rtol=1e-3, atol=2e-6)
+    if averaging:
+        evals_t = [r for r in _metrics(tmp_path / "torch") if "val_loss" in r]
+        evals_m = [r for r in _metrics(tmp_path / "mlx") if "val_loss" in r]
+        assert [r["step"] for r in evals_m] == [r["step"] for r in evals_t] == [4, 8, 10]
+        np.testing.assert_allclose([r["val_loss"] for r in evals_m], [r["val_loss"] for r in evals_t], rtol=2e-5)
+        # the averaging acted: the final adapter is not the fast weights the optimizer state ends with
+        opt_state = mx.load(str(Path(mlx_state.last_checkpoint) / "optimizer.safetensors"))
+        copy = "ema" if "ema" in tiers else "slow"
+        copies = {k.removeprefix("params.").removesuffix(f".{copy}"): v for k, v in opt_state.items()
+                  if k.endswith(f".{copy}")}
+        assert copies.keys() == ours.keys()
+        for key, value in copies.items():
+            np.testing.assert_array_equal(ours[key], np.array(value))  # the adapter written is the slow copy
+        if copy == "ema":
+            assert any(not np.array_equal(np.array(opt_state[f"params.{k}.fast"]), v) for k, v in ours.items())
 
 
 # ------------------------------------------------------------------------------------------------ 2. training
@@ -116,6 +145,42 @@ def test_cli_trains_and_resumes_exactly(tmp_path, capsys):
     for key in opt_a:
         np.testing.assert_array_equal(np.array(opt_b[key]), np.array(opt_a[key]))
     strip = [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in full]
+    assert [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in _metrics(tmp_path / "cut")] == strip
+
+
+def test_ema_and_consolidate_resume_exactly(tmp_path):
+    """tiers.ema + tiers.consolidate (every 3) on MLX: a run stopped after step 5 (between two consolidations, a
+    partial slow-tier chunk pending) and resumed ends with the adapter, optimizer state (EMA, slow and fast
+    weights) and metrics of an uninterrupted one, bit for bit. The stopped checkpoint's adapter is the EMA and
+    its state carries the fast weights, which the resume continues from."""
+    from nested_learning.train.loop import run_training
+
+    data = write_data(tmp_path / "data")
+    tiers = {"periods": [1, 2, 4], "ema": 0.8, "consolidate": {"every": 3, "alpha": 0.5}}
+
+    def config(name):
+        return micro_config(data, tmp_path / name, backend="mlx", tiers=tiers, eval={"every": 4})
+
+    assert run_training(config("full")).status == "completed"
+    stop = threading.Event()
+    state = run_training(config("cut"), [Recorder(stop_at=5, stop_event=stop)], stop)
+    assert (state.status, state.step) == ("stopped", 5)
+    cut = tmp_path / "cut/checkpoints/last"
+    saved, opt_cut = _mlx_adapter(cut), mx.load(str(cut / "optimizer.safetensors"))
+    for key, value in saved.items():
+        np.testing.assert_array_equal(value, np.array(opt_cut[f"params.{key}.ema"]))
+    assert any(not np.array_equal(np.array(opt_cut[f"params.{k}.fast"]), v) for k, v in saved.items())
+    assert run_training(config("cut"), resume="auto").status == "completed"
+
+    a, b = tmp_path / "full/checkpoints/last", tmp_path / "cut/checkpoints/last"
+    for key, value in _mlx_adapter(a).items():
+        np.testing.assert_array_equal(_mlx_adapter(b)[key], value)
+    opt_a, opt_b = mx.load(str(a / "optimizer.safetensors")), mx.load(str(b / "optimizer.safetensors"))
+    assert opt_a.keys() == opt_b.keys()
+    assert all(any(k.endswith(f".{copy}") for k in opt_a) for copy in ("ema", "slow", "fast", "acc"))
+    for key in opt_a:
+        np.testing.assert_array_equal(np.array(opt_b[key]), np.array(opt_a[key]))
+    strip = [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in _metrics(tmp_path / "full")]
     assert [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in _metrics(tmp_path / "cut")] == strip
 
 

@@ -23,8 +23,6 @@ _TORCH_ONLY = {
     ("optim", "flat_buffers"): "a torch optimizer layout",
     ("checkpoint", "mlx_copy"): "mlx checkpoints are already in mlx-lm's adapter format",
     ("lora", "init_adapter"): "not implemented on the mlx backend",
-    ("tiers", "consolidate"): "weight consolidation is implemented by the torch optimizer only",
-    ("tiers", "ema"): "the weight EMA is implemented by the torch optimizer only",
 }
 
 

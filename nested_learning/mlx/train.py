@@ -178,7 +178,8 @@ def _optimizer(cfg: TrainConfig, model, grad_fn: Gradients, probe_batches, saved
     groups = assign_tiers(named, **options)
     opt = NestedAdamW(learning_rate=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                       weight_decay=cfg.optim.weight_decay, accumulate=t.accumulate, tiers=groups,
-                      flush_on_end=t.flush_on_end)
+                      flush_on_end=t.flush_on_end, ema=t.ema,
+                      consolidate=None if t.consolidate is None else (t.consolidate.every, t.consolidate.alpha))
     opt.init(model.trainable_parameters())
     assignment = {name: k for k, g in enumerate(groups) for name in g["param_names"]}
     return opt, assignment, format_plan(groups)
@@ -262,7 +263,7 @@ def _quant_text(config: dict) -> str:
 def _restore(run: MlxRun, saved, resume_from: Path) -> None:
     payload, opt_state, _ = saved
     try:
-        run.optimizer.load_state_dict(opt_state)
+        run.optimizer.load_state_dict(opt_state, run.model)  # tiers.ema: the fast weights go back into the model
     except ValueError as exc:
         raise ConfigError(f"--resume {resume_from}: the checkpoint does not fit this config: {exc}") from None
     fields = {f.name for f in dataclasses.fields(TrainerState)}
@@ -303,10 +304,15 @@ class _Loop:
         payload = {"format": 1, "backend": "mlx", "step": state.step, "micro_index": run.micro_index,
                    "bad_evals": run.bad_evals, "rng": mck.capture_rng(), "tier_assignment": run.tier_assignment,
                    "trainer_state": state.to_dict(), "metrics_rows": self.metrics.rows, "nonfinite": run.nonfinite}
-        path = mck.save(run.output_dir, name, adapter=adapter_weights(run.model),
+        # With tiers.ema the adapter written is the EMA, and the optimizer state (taken first) carries the fast
+        # weights a resume continues from (optim/mlx_averaging.py).
+        optimizer_state = run.optimizer.state_dict(run.model)
+        with run.optimizer.averaged_weights(run.model):
+            adapter = adapter_weights(run.model)
+        path = mck.save(run.output_dir, name, adapter=adapter,
                         adapter_config=adapter_config(len(run.model.layers), run.lora_keys, run.config.lora,
                                                       run.config.model.name_or_path),
-                        optimizer_state=run.optimizer.state_dict(), payload=payload, config=run.config,
+                        optimizer_state=optimizer_state, payload=payload, config=run.config,
                         tokenizer=run.tokenizer)
         if name == "best":
             state.best_checkpoint = str(path)
@@ -325,8 +331,9 @@ class _Loop:
         if not run.valid_samples:
             return
         run.model.eval()  # no dropout
-        res = self._score(run.valid_samples)
-        retain = {name: self._score(samples) for name, samples in run.retain_sets.items()}
+        with run.optimizer.averaged_weights(run.model):  # tiers.ema: the EMA weights are evaluated
+            res = self._score(run.valid_samples)
+            retain = {name: self._score(samples) for name, samples in run.retain_sets.items()}
         run.model.train()
         run.bad_evals, new_best = state.record_eval(res, retain, cfg.eval.early_stopping_min_delta, run.bad_evals)
         self.metrics.write({"step": state.step, **state.eval_metrics()}, tb_prefix="eval")
@@ -364,6 +371,7 @@ def train_mlx(run: MlxRun, callbacks: Iterable[Callback] = (), stop_event: threa
     stop = stop_event or threading.Event()
     if run.resumed_from is not None and state.status == "completed" and state.step >= cfg.schedule.steps:
         state.last_checkpoint = str(run.resumed_from)
+        opt.keep_averaged_weights(model)  # tiers.ema: the resume put the fast weights back; keep the final adapter
         for cb in callbacks:
             cb.on_start(state)
             cb.on_end(state)
@@ -447,9 +455,12 @@ def train_mlx(run: MlxRun, callbacks: Iterable[Callback] = (), stop_event: threa
                 opt.learning_rate = mx.array(run.lr(state.step), mx.float32)  # torch: the lr after the last step
                 opt.flush(model)
                 state.tier_stats = opt.tier_stats()
+            opt.consolidate_final(model)  # tiers.consolidate: the final adapter is the slow memory
             loop.evaluate()
             state.status = "completed"
         loop.save("last")
+        if state.status == "completed":
+            opt.keep_averaged_weights(model)  # tiers.ema: the model left in memory is the final adapter, as saved
     except BaseException as exc:
         state.status = "failed"
         state.error = str(exc) or type(exc).__name__

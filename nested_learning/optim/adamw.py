@@ -394,7 +394,7 @@ class NestedAdamW(torch.optim.Optimizer):
         """Apply pending accumulated gradients now: one update per tier holding a partial chunk.
 
         With ``mean`` the partial chunk is averaged over the steps it holds. Does not advance the step count.
-        With ``ema``, a flush that updated anything moves the EMA once too.
+        With ``ema``, a flush that moved any weight moves the EMA once too.
         """
         flushed = False
         for index, group in enumerate(self.param_groups):
@@ -406,7 +406,7 @@ class NestedAdamW(torch.optim.Optimizer):
                     self._update_from_accumulators(index, group, group["pending"])
                 group["updates"] += 1
                 group["pending"] = 0
-                flushed = True
+                flushed = flushed or bool(group["params"])  # an empty tier moves no weight
         if flushed and self.averages.ema is not None:
             self.averages.update_ema(self._all_params(), self.state)
 

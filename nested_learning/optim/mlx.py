@@ -26,6 +26,13 @@ The layout of :attr:`state` (``step``, ``learning_rate``, per-tier ``tiers`` cou
 of per-parameter ``tier`` / ``m`` / ``v`` / ``acc``) is documented, with the helpers that build and walk it, in
 :mod:`nested_learning.optim.mlx_state`.
 
+``ema`` and ``consolidate`` keep slow copies of the weights in the same leaves (``ema``, ``slow``;
+:mod:`nested_learning.optim.mlx_averaging`, the rules of the torch optimizer's ``averaging`` module): an
+exponential average for evaluation and saving (:meth:`NestedAdamW.averaged_weights`) and a Lookahead
+consolidation (every ``k`` steps ``slow += alpha * (fast - slow)``, then ``fast <- slow``; one more in
+:meth:`NestedAdamW.finish` / :meth:`NestedAdamW.consolidate_final`). The copies start at the weights before the
+first update; under ``mx.compile`` take that first update eagerly, so they exist before the trace.
+
 Tiers are assigned from flattened parameter names (``mlx.utils.tree_flatten``, e.g.
 ``model.layers.3.self_attn.q_proj.lora_a``) with :func:`nested_learning.tiers.assign_tiers`, or from an
 explicit ``tier_map`` (name -> tier index). Trainable parameters that nothing maps go to the slowest tier,
@@ -38,6 +45,8 @@ This module and its helper :mod:`nested_learning.optim.mlx_state` import ``mlx``
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import mlx.core as mx
@@ -45,6 +54,7 @@ import mlx.nn as nn
 from mlx.optimizers import Optimizer
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
+from nested_learning.optim.mlx_averaging import FAST, MlxWeightAverages
 from nested_learning.optim.mlx_state import (
     check_state,
     fresh_tier_state,
@@ -75,6 +85,8 @@ class NestedAdamW(Optimizer):
         tiers: the output of ``assign_tiers`` (list of dicts with ``period``, ``lr_scale``,
             ``param_names``, optionally ``name``); fixes periods, lr_scales and the assignment.
         flush_on_end: read by the trainer: call :meth:`flush` at the end of training.
+        ema: decay of an exponential average of the weights (``tiers.ema``), or None.
+        consolidate: ``(every, alpha)`` of a Lookahead consolidation (``tiers.consolidate``), or None.
         **assign_options: further options for ``assign_tiers`` (``reverse``, ``rules``, ``manual``, ...).
 
     Call :meth:`init` with ``model.trainable_parameters()`` before training to fix the assignment early
@@ -94,9 +106,12 @@ class NestedAdamW(Optimizer):
         tier_map: Mapping[str, int] | None = None,
         tiers: Sequence[Mapping[str, Any]] | None = None,
         flush_on_end: bool = True,
+        ema: float | None = None,
+        consolidate: tuple[int, float] | None = None,
         **assign_options: Any,
     ):
         super().__init__()
+        self.averages = MlxWeightAverages(ema, consolidate)
         b1, b2 = (float(b) for b in betas)
         for i, b in enumerate((b1, b2)):
             if not 0.0 <= b < 1.0:
@@ -292,15 +307,9 @@ class NestedAdamW(Optimizer):
                 t["pending"] = mx.where(d, mx.array(0, mx.int32), t["pending"] + 1)
 
         pstate = self.state["params"]
+        averaging = self.averages.active
 
-        def fn(path, g, param):
-            if g is None:
-                return None
-            k = self._tier_of.get(path)
-            if k is None:
-                raise KeyError(f"no optimizer state for parameter {path!r}; call init() with all trainable "
-                               "parameters first")
-            st = get_path(pstate, path)
+        def step_tier(st, g, param, k):  # one tier's update of one tensor
             d = due[k]
             g32 = g.astype(mx.float32)
             if self._uses_acc(k):
@@ -317,6 +326,19 @@ class NestedAdamW(Optimizer):
             st["m"] = mx.where(d, m_new, st["m"])
             st["v"] = mx.where(d, v_new, st["v"])
             return mx.where(d, p_new, param)
+
+        def fn(path, g, param):
+            if g is None:
+                return None
+            k = self._tier_of.get(path)
+            if k is None:
+                raise KeyError(f"no optimizer state for parameter {path!r}; call init() with all trainable "
+                               "parameters first")
+            st = get_path(pstate, path)
+            if averaging:
+                self.averages.start(st, param)  # the weights before the first step
+                return self.averages.after_step(st, step_tier(st, g, param, k), s)
+            return step_tier(st, g, param, k)
 
         return tree_map_with_path(fn, gradients, parameters)
 
@@ -335,7 +357,8 @@ class NestedAdamW(Optimizer):
         """Apply pending partial accumulators: every tier with gradients in its accumulator gets one last
         update with them (``mean``: ``acc / count``, ``count`` = gradients since its last update; ``sum``:
         ``acc``). ``s`` does not move. Updates ``model`` in place when it is an ``nn.Module``; returns the
-        updated parameters (a partial tree). Eager only (do not call inside ``mx.compile``)."""
+        updated parameters (a partial tree). With ``ema``, a flush that moved any weight moves the EMA once
+        too (toward all the weights; the returned tree holds the flushed ones). Eager only (not in ``mx.compile``)."""
         if not self._initialized:
             return {}
         lr = self._flush_lr()
@@ -364,12 +387,69 @@ class NestedAdamW(Optimizer):
         tree = tree_unflatten(flushed) if flushed else {}
         if flushed and isinstance(model, nn.Module):
             model.update(tree)
+        if flushed and self.averages.ema is not None:  # weights moved: the EMA follows once more
+            new = dict(flushed)
+            for name in self._tier_of:
+                self.averages.move_ema(get_path(self.state["params"], name), new.get(name, get_path(model, name)))
         mx.eval(self.state, [a for _, a in flushed])
         return tree
 
     def finish(self, model: Union[nn.Module, dict]) -> dict:
-        """End of training: :meth:`flush` unless ``flush_on_end`` is False (as the torch optimizer)."""
-        return self.flush(model) if self.flush_on_end else {}
+        """End of training: :meth:`flush` unless ``flush_on_end`` is False (as the torch optimizer), then
+        :meth:`consolidate_final`. Returns the flushed parameters (a partial tree)."""
+        tree = self.flush(model) if self.flush_on_end else {}
+        self.consolidate_final(model)
+        return tree
+
+    # ----------------------------------------------------------------------------------------------- slow copies
+
+    def _with_copy(self, key: str) -> list[tuple[str, dict]]:
+        """(name, state leaf) of every parameter whose leaf holds the copy ``key``."""
+        leaves = [(n, get_path(self.state["params"], n)) for n in self._tier_of
+                  if has_path(self.state["params"], n)]
+        return [(n, leaf) for n, leaf in leaves if key in leaf]
+
+    def consolidate_final(self, model: nn.Module) -> None:
+        """With ``consolidate``, at the end of a completed run: one more consolidation, so the weights left in
+        ``model`` (the final adapter) are the slow memory, holding the steps since the last consolidation too.
+        Nothing before the first step."""
+        if self.averages.consolidate is None or int(self.step) == 0:
+            return
+        fast = [(n, self.averages.consolidate_now(leaf, get_path(model, n))) for n, leaf in self._with_copy("slow")]
+        if fast:
+            model.update(tree_unflatten(fast))
+            mx.eval(self.state, [a for _, a in fast])
+
+    def _ema_weights(self, model: nn.Module) -> list[tuple[str, mx.array]]:
+        """(name, EMA in the parameter's dtype); empty without ``ema`` or before the first step."""
+        if self.averages.ema is None:
+            return []
+        pairs = self._with_copy("ema")
+        if len(pairs) < len(self._tier_of):
+            return []
+        return [(n, leaf["ema"].astype(get_path(model, n).dtype)) for n, leaf in pairs]
+
+    @contextmanager
+    def averaged_weights(self, model: nn.Module) -> Iterator[None]:
+        """The EMA weights in ``model`` for the ``with`` block (evaluation, saving), the fast ones after it,
+        bit for bit (the same arrays). Without ``ema``, or before the first step, it changes nothing."""
+        ema = self._ema_weights(model)
+        if not ema:
+            yield
+            return
+        fast = [(n, get_path(model, n)) for n, _ in ema]
+        model.update(tree_unflatten(ema))
+        try:
+            yield
+        finally:
+            model.update(tree_unflatten(fast))
+
+    def keep_averaged_weights(self, model: nn.Module) -> None:
+        """With ``ema``, at the end of training: the EMA weights into ``model`` for good (what a completed run's
+        final adapter holds)."""
+        ema = self._ema_weights(model)
+        if ema:
+            model.update(tree_unflatten(ema))
 
     @property
     def tier_map(self) -> dict[str, int]:
@@ -394,9 +474,15 @@ class NestedAdamW(Optimizer):
             })
         return out
 
-    def state_dict(self) -> dict[str, mx.array]:
-        """Flat ``{name: array}`` of the whole state (``mx.save_safetensors`` can write it)."""
-        return dict(tree_flatten(self.state))
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, mx.array]:
+        """Flat ``{name: array}`` of the whole state (``mx.save_safetensors`` can write it). With ``ema`` and a
+        ``model``, each parameter's entry also carries its current (fast) weights, ``params.<name>.fast``: the
+        adapter saved with it holds the EMA, and a resume must continue from the fast weights."""
+        out = dict(tree_flatten(self.state))
+        if model is not None and self.averages.ema is not None:
+            for name, _ in self._with_copy("ema"):
+                out[f"params.{name}.{FAST}"] = get_path(model, name)
+        return out
 
     @property
     def state(self):
@@ -415,6 +501,16 @@ class NestedAdamW(Optimizer):
             self._tier_of[name] = k
             self._shape_of[name] = shape
 
-    def load_state_dict(self, state: Mapping[str, mx.array]) -> None:
-        """Restore from :meth:`state_dict` (or ``dict(tree_flatten(opt.state))``); exact resume."""
-        self.state = tree_unflatten(list(state.items()))
+    def load_state_dict(self, state: Mapping[str, mx.array], model: nn.Module | None = None) -> None:
+        """Restore from :meth:`state_dict` (or ``dict(tree_flatten(opt.state))``); exact resume. Fast weights
+        saved with an EMA state go back into ``model``, which must then be given."""
+        suffix = f".{FAST}"
+        fast = [(k[len("params."):-len(suffix)], a) for k, a in state.items()
+                if k.startswith("params.") and k.endswith(suffix)]
+        if fast and model is None:
+            raise ValueError("this optimizer state carries the fast weights of an EMA run: pass the model to "
+                             "load_state_dict")
+        self.state = tree_unflatten([(k, a) for k, a in state.items()
+                                     if not (k.startswith("params.") and k.endswith(suffix))])
+        if fast:
+            model.update(tree_unflatten(fast))

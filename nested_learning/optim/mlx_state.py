@@ -7,7 +7,9 @@ Layout of ``NestedAdamW.state``::
     learning_rate   float32 scalar  base learning rate (schedule value of the last step)
     tiers           [{"period", "updates" (n_k), "pending" (gradients in the accumulator)}, ...]
     params          a tree mirroring the trainable parameters; each leaf is
-                    {"tier": int32, "m": float32, "v": float32[, "acc": float32]}
+                    {"tier": int32, "m": float32, "v": float32[, "acc": float32][, "ema"][, "slow"]}
+                    (``ema`` / ``slow``: the slow copies of ``tiers.ema`` / ``tiers.consolidate``, float32;
+                    a saved EMA state adds ``fast``, the training weights, which loading moves into the model)
 
 Paths are ``mlx.utils.tree_flatten`` names: dict keys and list indices joined by ``"."`` (e.g.
 ``model.layers.3.self_attn.q_proj.lora_a``).
