@@ -3,6 +3,7 @@
     python bench/cold_start.py --shape llama1b --json docs/cold-start.json     # cold, then warm
     python bench/cold_start.py --shape llama8b --batch 4 --steps 10 --json docs/cold-start.json
     python bench/cold_start.py --shape llama1b --set speed.cuda_graphs=false --tag nographs --json c.json
+    python bench/cold_start.py --shape llama1b --scopes model,layers --json c.json  # cold + warm per compile scope
     python bench/cold_start.py --cpu-smoke                                       # tiny embedded model, CPU
 
 A randomly initialised model of a ``bench/peers_setup.py`` shape (``--cpu-smoke``: the embedded micro-llama) is
@@ -21,6 +22,9 @@ The times come from the trainer's own ``metrics.jsonl`` (``output.log_every: 1``
 the file's modification time when row k appears is when step k finished, against the launch time;
 the trainer's own ``tokens_per_sec`` of row 1 gives the first step's duration (compilation included), so
 ``to_first_step_s - first_step_s`` is start-up before the loop (imports, model load, data, speed plan).
+``--scopes model,layers`` repeats cold + warm once per ``speed.compile_scope``, each scope with its own fresh
+caches (tag: the scope), so the two scopes' cold runs are both cold. Each result records the compile and CUDA-graph
+lines of the run's own speed plan, which show the scope took effect (the CPU runs eager: no scope applies there).
 Results: one JSON object per run (``--json`` merges by shape and tag).
 """
 
@@ -139,7 +143,9 @@ def timed_run(config: Path, out: Path, env: dict, steps: int, timeout: float, ov
     step_ms = [r["tokens"] / r["tokens_per_sec"] * 1e3 if i == 0 else
                (r["tokens"] - train[i - 1][1]["tokens"]) / r["tokens_per_sec"] * 1e3
                for i, (_, r) in enumerate(train)]
+    plan = json.loads((out / "speed_plan.json").read_text())["levers"]
     return {
+        "plan": {k: ("on  " if plan[k]["on"] else "off ") + plan[k]["note"] for k in ("compile", "cuda_graphs")},
         "to_first_step_s": train[0][0],
         "first_step_s": step_ms[0] / 1e3,  # the trainer's own clock: compilation and the first step
         "startup_s": train[0][0] - step_ms[0] / 1e3,  # launch to the loop: imports, load, data, plan
@@ -159,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=20, help="steps per run; the time to the last is reported too")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for both runs")
     ap.add_argument("--tag", default="", help="suffix for the result's name (with --set)")
+    ap.add_argument("--scopes", default=None, help="comma-separated speed.compile_scope values (model,layers): cold "
+                    "and warm runs for each, with its own caches; the scope joins the tag")
     ap.add_argument("--work", default=None, help="folder for the model, data and caches (default: a temp folder; "
                     "a saved model there is reused)")
     ap.add_argument("--timeout", type=float, default=540, help="seconds per run")
@@ -180,30 +188,18 @@ def main(argv: list[str] | None = None) -> dict:
     model = save_model(shape, work / f"model-{shape.replace(':', '-')}", cuda)
     data = write_data(work / "train.jsonl", rows=(steps + 2) * batch, chars=seq - 2)
     valid = write_data(work / "valid.jsonl", rows=1, chars=30, seed=1)
-    caches = work / "caches"
-    shutil.rmtree(caches, ignore_errors=True)  # cold: nothing compiled before
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    for var in CACHE_VARS:
-        env[var] = str(caches / var.lower())
-    name = shape + (f"+{args.tag}" if args.tag else "")
-    result = {"shape": name, "batch": batch, "seq": seq, "steps": steps, "device": "cuda" if cuda else "cpu",
-              "overrides": args.set}
-    for run in ("cold", "warm"):
-        out = work / f"run-{run}"
-        shutil.rmtree(out, ignore_errors=True)  # rows of an earlier invocation must not be read as this one's
-        config = work / f"{run}.yaml"
-        config.write_text(json.dumps(train_config(model, data, valid, out, seq=seq, batch=batch, steps=steps,
-                                                  cpu=not cuda)))  # JSON is YAML
-        result[run] = timed_run(config, out, env, steps, args.timeout, args.set)
-        print(run, json.dumps(result[run]), flush=True)
-    cold, warm = result["cold"], result["warm"]
-    if "error" not in cold and "error" not in warm:
-        result["warm_saves_s"] = cold["to_first_step_s"] - warm["to_first_step_s"]
+    results = []
+    for scope in args.scopes.split(",") if args.scopes else [None]:
+        tag = "+".join(t for t in (args.tag, scope) if t)
+        overrides = [*args.set, *([f"speed.compile_scope={scope}"] if scope else [])]
+        result = cold_and_warm(work, f"{shape}+{tag}" if tag else shape, tag, overrides, model=model, data=data,
+                               valid=valid, seq=seq, batch=batch, steps=steps, cuda=cuda, timeout=args.timeout)
+        results.append(result)
     if args.json:
         path = Path(args.json)
         prior = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-        prior["runs"] = [r for r in prior["runs"] if (r["shape"], r["device"]) != (name, result["device"])] + [result]
+        done = {(r["shape"], r["device"]) for r in results}
+        prior["runs"] = [r for r in prior["runs"] if (r["shape"], r["device"]) not in done] + results
         prior["meta"] = {"torch": torch.__version__, "argv": sys.argv,
                          "gpu": torch.cuda.get_device_name(0) if cuda else None}
         tmp = path.with_name(path.name + ".tmp")
@@ -211,6 +207,31 @@ def main(argv: list[str] | None = None) -> dict:
         tmp.replace(path)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
+    return results[0] if len(results) == 1 else {"runs": results}
+
+
+def cold_and_warm(work: Path, name: str, tag: str, overrides: list[str], *, model: Path, data: Path, valid: Path,
+                  seq: int, batch: int, steps: int, cuda: bool, timeout: float) -> dict:
+    """The cold run on fresh caches of its own, then the warm run on what it left."""
+    caches = work / (f"caches-{tag}" if tag else "caches")
+    shutil.rmtree(caches, ignore_errors=True)  # cold: nothing compiled before
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    for var in CACHE_VARS:
+        env[var] = str(caches / var.lower())
+    result = {"shape": name, "batch": batch, "seq": seq, "steps": steps, "device": "cuda" if cuda else "cpu",
+              "overrides": overrides}
+    for run in ("cold", "warm"):
+        out = work / f"run-{run}"
+        shutil.rmtree(out, ignore_errors=True)  # rows of an earlier invocation must not be read as this one's
+        config = work / f"{run}.yaml"
+        config.write_text(json.dumps(train_config(model, data, valid, out, seq=seq, batch=batch, steps=steps,
+                                                  cpu=not cuda)))  # JSON is YAML
+        result[run] = timed_run(config, out, env, steps, timeout, overrides)
+        print(name, run, json.dumps(result[run]), flush=True)
+    cold, warm = result["cold"], result["warm"]
+    if "error" not in cold and "error" not in warm:
+        result["warm_saves_s"] = cold["to_first_step_s"] - warm["to_first_step_s"]
     return result
 
 

@@ -108,6 +108,11 @@ class SpeedConfig(_Section):
     compile: bool = Field(True, description="Compile the decoder with `torch.compile` on CUDA; the first steps pay "
                           "the compile time. Off: eager kernels. Ignored on CPU (eager and exact). `backend: mlx`: `mx.compile` of "
                           "each micro-batch's forward and backward, on any device.")
+    compile_scope: Literal["model", "layers"] = Field(
+        "model", description="With `compile`: `model` compiles the decoder as one graph; `layers` compiles one decoder "
+        "layer and reuses its graph for every layer (regional compilation: shorter cold start, the code between "
+        "layers runs eager). `layers` turns CUDA graphs off.",
+    )
     cuda_graphs: bool = Field(
         True, description="With `compile` and `data.packing`: replay the compiled step as CUDA graphs (rows padded to "
         "`data.max_length`, one shape). Turn off if recording graphs costs more memory than you have.",
@@ -478,6 +483,8 @@ class TrainConfig(_Section):
         if not sp.compile:
             out += [f"speed.{k} needs speed.compile" for k in ("cuda_graphs", "activation_memory_budget")
                     if k in asked and (k != "cuda_graphs" or sp.cuda_graphs)]
+            if "compile_scope" in asked and sp.compile_scope == "layers":
+                out.append("speed.compile_scope layers needs speed.compile")
         # Not conditioned on data.packing being set explicitly: a saved config (job record, run directory) sets
         # every data field, so the same config must pass or fail before and after a round trip.
         if "cuda_graphs" in asked and sp.cuda_graphs and not self.data.packing:
@@ -497,6 +504,12 @@ class TrainConfig(_Section):
                            "their inputs on the device)")
             if self.distributed.strategy == "fsdp":
                 out.append("speed.offload_activations cannot run with distributed.strategy fsdp")
+        if "compile_scope" in asked and sp.compile_scope == "layers" and "cuda_graphs" in asked and sp.cuda_graphs:
+            out.append("speed.cuda_graphs cannot run with speed.compile_scope layers (the step is no longer one "
+                       "compiled region)")
+        if "compile_scope" in asked and sp.compile_scope == "model" and sp.offload_activations:
+            out.append("speed.compile_scope model cannot run with speed.offload_activations (offloaded layers "
+                       "compile one by one)")
         if "loss_chunk_kernel" in asked and sp.loss_chunk_tokens == 0:
             out.append("speed.loss_chunk_kernel needs speed.loss_chunk_tokens > 0")
         if "skip_causal_mask" in asked and sp.skip_causal_mask and self.model.attn_implementation != "sdpa":

@@ -110,12 +110,12 @@ def adapter_tensors(checkpoint_dir: str | Path) -> dict:
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny(arch: str, dtype=torch.float64, dropout: float = 0.0, device="cpu", **lora):
+def tiny(arch: str, dtype=torch.float64, dropout: float = 0.0, device="cpu", layers: int = 2, **lora):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=211, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, use_cache=False)
+    common = dict(vocab_size=211, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, use_cache=False)
     cfg = Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common, head_dim=12)
     torch.manual_seed(0)
     with torch.device(device):

@@ -1,5 +1,5 @@
 """``bench/cold_start.py --cpu-smoke``: two launches of the CLI on a saved random-weight model, timed from the
-trainer's own metrics rows."""
+trainer's own metrics rows; ``--scopes`` passes the compile scope to both launches (the CPU runs eager)."""
 
 import json
 import sys
@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 def test_cold_and_warm_runs_time_the_first_step_and_train_the_same(tmp_path):
     import cold_start
 
-    res = cold_start.main(["--cpu-smoke", "--steps", "2", "--work", str(tmp_path / "w"),
+    res = cold_start.main(["--cpu-smoke", "--steps", "2", "--work", str(tmp_path / "w"), "--scopes", "layers",
                            "--json", str(tmp_path / "c.json")])
     cold, warm = res["cold"], res["warm"]
     assert "error" not in cold and "error" not in warm, res
@@ -20,9 +20,11 @@ def test_cold_and_warm_runs_time_the_first_step_and_train_the_same(tmp_path):
         # launch -> loop start -> first step done -> step 2 done -> exit, in that order
         assert 0 < run["startup_s"] < run["to_first_step_s"] <= run["to_step_2_s"] <= run["exit_s"]
         assert 0 < run["first_step_s"] < run["to_first_step_s"]
+        assert run["plan"] == {"compile": "off CPU runs eager (exact float32)", "cuda_graphs": "off compile is off"}
     assert cold["first_loss"] == warm["first_loss"]  # the same model, data and seed: the same first step
     assert (tmp_path / "w" / "model-embedded-micro-llama" / "model.safetensors").is_file()
     saved = json.loads((tmp_path / "c.json").read_text())
-    assert [r["shape"] for r in saved["runs"]] == ["embedded:micro-llama"]
+    assert [r["shape"] for r in saved["runs"]] == ["embedded:micro-llama+layers"]
+    assert saved["runs"][0]["overrides"] == ["speed.compile_scope=layers"]
     assert saved["runs"][0]["warm_saves_s"] == cold["to_first_step_s"] - warm["to_first_step_s"]
 

@@ -1,12 +1,22 @@
-"""``torch.compile`` of the training forward, the activation budget and the eager stance for evaluation."""
+"""``torch.compile`` of the training forward, the activation budget and the eager stance for evaluation.
+
+Two scopes (``speed.compile_scope``): ``model`` compiles the decoder (or the whole model) as one graph; ``layers``
+routes every decoder layer's forward through one compiled callable, ``layer_compiler()``, so dynamo and inductor
+trace one layer and every other layer reuses that graph (the layers share their code and differ only in the
+weights, which are graph inputs). The first layer gets a graph of its own when its input needs no gradient (a
+frozen embedding's output): two graphs whatever the depth. The code between the layers (embedding, mask, rotary
+tables, final norm, head and loss) runs eagerly.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
-__all__ = ["compile_model", "eager_stance", "set_activation_memory_budget"]
+__all__ = ["compile_layers", "compile_model", "decoder_layers", "eager_stance", "layer_compiler",
+           "set_activation_memory_budget"]
 
 
 def compile_model(model, *, cuda_graphs: bool, memory_budget: float, decoder_only: bool):
@@ -26,6 +36,41 @@ def compile_model(model, *, cuda_graphs: bool, memory_budget: float, decoder_onl
         parts[0].compile(**options)
         return model
     return torch.compile(model, **options)
+
+
+def _call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def layer_compiler(backend: str = "inductor", **options):
+    """One compiled callable for every decoder layer: ``compiled(layer_forward, *args, **kwargs)``. The layer's
+    forward is an argument, not the compiled function, so all layers meet the same code object and its cache."""
+    return torch.compile(_call, backend=backend, **options)
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of ``model`` (transformers' ``GradientCheckpointingLayer`` modules), in order."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers without the common layer class
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_layers(model, *, memory_budget: float = 1.0, backend: str = "inductor") -> int:
+    """``speed.compile_scope: layers``: every decoder layer of ``model`` (in place) calls its forward through one
+    shared ``layer_compiler``; returns how many layers. Hooks and transformers' checkpointing around a layer stay
+    eager (they run in ``Module.__call__``, outside ``forward``). Calling it again changes nothing."""
+    from nested_learning.speed.compile_cache import tag_compile_caches
+
+    tag_compile_caches()
+    set_activation_memory_budget(memory_budget)
+    compiled = layer_compiler(backend)
+    layers = decoder_layers(model)
+    for layer in layers:
+        if "forward" not in vars(layer):  # an instance attribute: this layer already runs compiled
+            layer.forward = functools.partial(compiled, layer.forward)
+    return len(layers)
 
 
 def eager_stance(enabled: bool):

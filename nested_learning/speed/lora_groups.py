@@ -61,7 +61,10 @@ class LoraGroup:
     def install(self) -> "LoraGroup":
         """Give each member the group's forward (PEFT's own stays the fallback)."""
         for i, m in enumerate(self.members):
-            m.forward = MemberForward(self, i, type(m).forward.__get__(m))
+            # The bound method, not the object: dynamo guards a callable object by identity, which would give
+            # every decoder layer its own graph under speed.compile_scope layers; a bound method is guarded by
+            # its function, which all members share.
+            m.forward = MemberForward(self, i, type(m).forward.__get__(m)).__call__
         return self
 
 

@@ -108,18 +108,16 @@ def host_checkpoint(fn: Callable, *args, compiled: Callable | None = None, **kwa
     return HostCheckpoint.apply(run, hidden, anchor)
 
 
-def _call(fn: Callable, hidden: torch.Tensor):
-    return fn(hidden)
-
-
 def use_host_checkpoint(model, compile_layers: bool = False, backend: str = "inductor") -> int:
     """Route every checkpointed layer of ``model`` through ``host_checkpoint``; returns how many. With
     ``compile_layers`` the layer body is compiled (one graph with gradients, one without, shared by all layers)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from nested_learning.speed.compile import layer_compiler  # the same one graph as speed.compile_scope layers
+
     func = host_checkpoint
     if compile_layers:
-        func = functools.partial(host_checkpoint, compiled=torch.compile(_call, backend=backend))
+        func = functools.partial(host_checkpoint, compiled=layer_compiler(backend))
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:

@@ -45,6 +45,7 @@ class SpeedPlan:
     levers: tuple[Lever, ...]
     chunk_tokens: int = 0  # the chunked loss's rows per chunk when on
     chunk_kernel: str = "compile"  # the chunk kernel asked for when on CUDA
+    compile_scope: str = "model"  # "layers": decoder layers compiled one by one, sharing their graph (compile on)
 
     def __getitem__(self, name: str) -> Lever:
         for lever in self.levers:
@@ -69,6 +70,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     ``device``, in a job of ``world`` data-parallel ranks. Inspects the model; changes nothing."""
     from nested_learning.speed.causal_mask import causal_sdpa_blocker
     from nested_learning.speed.chunked_loss import head_blocker
+    from nested_learning.speed.compile import decoder_layers
     from nested_learning.speed.lora_groups import unfused_groups
     from nested_learning.speed.offload import checkpointed_layers
     from nested_learning.speed.rotary import rotary_modules
@@ -126,11 +128,17 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
                         (not layers, "no checkpointed layers in this model"))
     offload = offload_why is None
     why = first((not sp.compile, "speed.compile is off"), (not cuda, "CPU runs eager (exact float32)"))
+    n_layers = len(decoder_layers(model)) if sp.compile_scope == "layers" and not offload else 0
     if offload:
         whole = "each decoder layer, inside the host checkpoint"
+    elif n_layers:
+        whole = f"{n_layers} decoder layers, compiled once and reused; the code between them runs eager"
     else:
         whole = "the decoder; head + loss run chunked outside the graph" if chunked else "the whole model"
+        if sp.compile_scope == "layers":
+            whole += " (speed.compile_scope layers: no decoder layers found)"
     compiled = add("compile", why is None, why or whole)
+    by_layer = compiled and bool(n_layers)
 
     why = first((not compiled, "compile is off"), (sp.activation_memory_budget >= 1.0, "1.0 keeps every activation"))
     add("activation_memory_budget", why is None, why or f"{sp.activation_memory_budget:g} of the activations kept")
@@ -139,6 +147,9 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
 
     why = first((not compiled, "compile is off"), (not sp.cuda_graphs, "speed.cuda_graphs is off"),
                 (offload, "speed.offload_activations (replayed graphs keep their inputs on the device)"),
+                # Each layer's weights are static graph inputs: the layer graph would be recorded once per layer,
+                # between eager code, instead of one replay of the step (not measured).
+                (by_layer, "speed.compile_scope layers (a layer graph per layer's weights, not one step)"),
                 (not cfg.data.packing, "data.packing is off (padded batches vary in shape)"),
                 (cfg.optim.grad_accum > 1, "optim.grad_accum > 1 (a replay could overwrite an accumulated gradient)"))
     add("cuda_graphs", why is None, why or "packed rows padded to data.max_length, one shape")
@@ -152,7 +163,8 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
 
     order = {name: i for i, name in enumerate(LEVERS)}
     return SpeedPlan(str(device.type), tuple(sorted(levers, key=lambda lv: order[lv.name])),
-                     chunk_tokens=sp.loss_chunk_tokens if chunked else 0, chunk_kernel=kernel)
+                     chunk_tokens=sp.loss_chunk_tokens if chunked else 0, chunk_kernel=kernel,
+                     compile_scope="layers" if by_layer or (compiled and offload) else "model")
 
 
 def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device,
@@ -189,6 +201,11 @@ def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device,
         use_host_checkpoint(model, compile_layers=plan.on("compile"))
         return model
     if not plan.on("compile"):
+        return model
+    if plan.compile_scope == "layers":
+        from nested_learning.speed.compile import compile_layers
+
+        compile_layers(model, memory_budget=cfg.speed.activation_memory_budget)
         return model
     from nested_learning.speed.compile import compile_model
 
