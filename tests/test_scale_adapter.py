@@ -145,3 +145,21 @@ def test_checkpoint_with_both_layouts_scales_both(tmp_path):
     # one adapter_config.json serves both tools (mlx-lm's keys beside PEFT's): copied as it was
     config = json.loads((out / "adapter_config.json").read_text())
     assert config == json.loads((src / "adapter_config.json").read_text()) and config["use_rslora"]
+
+
+def test_what_a_kill_left_beside_dst_is_tidied_first(micro_checkpoint, tmp_path):
+    """Killed between moving the old DST aside and renaming the new copy in: the next run puts the old copy back
+    (so it is not overwritten without --overwrite) and removes the half-built copy."""
+    dst = scale_adapter(micro_checkpoint, tmp_path / "s", 0.5)
+    before = adapter_tensors(dst)
+    aside = tmp_path / ".old-s-x1"
+    aside.mkdir()
+    dst.replace(aside / "s")
+    (tmp_path / ".tmp-s-x2").mkdir()
+    (tmp_path / ".tmp-s-x2" / "adapter_model.safetensors").write_bytes(b"half")
+    with pytest.raises(AdapterError, match="already exists"):
+        scale_adapter(micro_checkpoint, dst, 0.25)
+    assert all(torch.equal(adapter_tensors(dst)[k], t) for k, t in before.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    scale_adapter(micro_checkpoint, dst, 0.25, overwrite=True)
+    assert json.loads((dst / "scaled.json").read_text())["factor"] == 0.25

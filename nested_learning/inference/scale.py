@@ -11,6 +11,7 @@ DoRA adapters are refused: their magnitude vector makes the update non-linear in
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import shutil
@@ -55,18 +56,32 @@ def _scale_weights(path: Path, factor: float) -> int:
     return scaled
 
 
+def _recover(dst: Path) -> None:
+    """Tidy what a killed earlier run left beside ``dst``: a half-built ``.tmp-<name>-*`` is removed; an old copy
+    moved aside (``.old-<name>-*/<name>``) goes back into place when the kill came before the new copy's rename,
+    and is removed otherwise."""
+    for tmp in dst.parent.glob(f".tmp-{glob.escape(dst.name)}-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for holder in dst.parent.glob(f".old-{glob.escape(dst.name)}-*"):
+        if (holder / dst.name).exists() and not dst.exists():
+            (holder / dst.name).replace(dst)
+        shutil.rmtree(holder, ignore_errors=True)
+
+
 def scale_adapter(src: str | Path, dst: str | Path, factor: float, *, overwrite: bool = False) -> Path:
     """Write ``src``'s adapter scaled by ``factor`` into the new directory ``dst``, in the same format(s).
 
     The adapter config, the run's ``config.yaml`` (so ``eval`` / ``generate`` / ``merge`` still find the base) and
     any other small files are copied; optimizer state and the checkpoint manifest are not. ``dst`` appears complete
     or not at all (built in a temporary directory beside it, then renamed); with ``overwrite`` the old ``dst`` is
-    moved aside whole and removed after the rename, so it is never seen half-deleted."""
+    moved aside whole and removed after the rename, so it is never seen half-deleted; what a killed run left
+    beside ``dst`` is tidied first (``_recover``)."""
     if not isinstance(factor, (int, float)) or not math.isfinite(factor):
         raise AdapterError(f"--factor: expected a finite number, got {factor!r}")
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     adapter_format(src)  # a clear error for a directory with no adapter in it
     _check_linear(src)
+    _recover(dst)  # before the checks: a kill between the two renames leaves the old copy to put back
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise AdapterError(f"{dst}: already exists and is not empty (pass --overwrite to replace it)")
     if dst.resolve() == src.resolve():
