@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 
-from conftest import assert_same, tiny
+from conftest import TARGETS, assert_same, tiny
 from nested_learning.config import TrainConfig
 from nested_learning.speed import compile as compile_mod
 from nested_learning.speed.compile import compile_layers
@@ -111,3 +111,35 @@ def test_contradictions_are_config_errors(sections, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         TrainConfig.model_validate(sections)
     TrainConfig.model_validate({**sections, "speed": {"compile_scope": sections["speed"]["compile_scope"]}})
+
+
+def test_mixed_layer_kinds_stay_under_the_recompile_limit():
+    """Sliding-window and full-attention layers (Gemma, Qwen2 with ``use_sliding_window``) trace apart, and each
+    kind recompiles as the batch shape turns dynamic: all graphs of the one shared code object count against
+    dynamo's ``recompile_limit`` (8 by default; 4 here to keep the test short), past which the layers would
+    silently run eager. ``compile_layers`` raises it for the kinds of layer it finds."""
+    import torch._dynamo.config as dynamo_config
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = Qwen2Config(vocab_size=211, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, use_cache=False, use_sliding_window=True, sliding_window=4,
+                      max_window_layers=2)
+    assert cfg.layer_types == ["full_attention", "full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float64, attn_implementation="sdpa")
+    base.requires_grad_(False)
+    torch.manual_seed(1)
+    ref = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)).train()
+    model = copy.deepcopy(ref)
+    backend = CountingBackend()
+    with dynamo_config.patch(recompile_limit=4):  # restored on exit (monkeypatch would delete the key)
+        compile_layers(model, backend=backend)
+        for seed, width in enumerate([13, 9]):
+            assert_same(model, ref, _ids(seed, width), loss_rtol=1e-12, grad_rtol=1e-10)
+    # three kinds (the first layer without an input gradient, full, sliding), each static, then dynamic in width
+    assert backend.graphs == 6
+    assert not counters["unimplemented"], list(counters["unimplemented"])

@@ -16,7 +16,7 @@ import functools
 import torch
 
 __all__ = ["compile_layers", "compile_model", "decoder_layers", "eager_stance", "layer_compiler",
-           "set_activation_memory_budget"]
+           "raise_recompile_limit", "set_activation_memory_budget"]
 
 
 def compile_model(model, *, cuda_graphs: bool, memory_budget: float, decoder_only: bool):
@@ -67,10 +67,24 @@ def compile_layers(model, *, memory_budget: float = 1.0, backend: str = "inducto
     set_activation_memory_budget(memory_budget)
     compiled = layer_compiler(backend)
     layers = decoder_layers(model)
+    raise_recompile_limit(layers)
     for layer in layers:
         if "forward" not in vars(layer):  # an instance attribute: this layer already runs compiled
             layer.forward = functools.partial(compiled, layer.forward)
     return len(layers)
+
+
+def raise_recompile_limit(layers) -> None:
+    """Dynamo stops compiling a code object after ``recompile_limit`` graphs (8) and runs it eagerly from then on,
+    silently. Under ``layers`` the one shared callable holds every graph of every layer: per kind of layer (its
+    class and attention type: sliding-window and full layers trace apart) one with and one without an input
+    gradient, one for evaluation, each static and then dynamic in the row length and in the batch size. The
+    limit (process-wide) is raised to 16 graphs per kind, never lowered."""
+    import torch._dynamo.config as dynamo_config
+
+    kinds = {(type(layer), getattr(layer, "attention_type", None)) for layer in layers}
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 16 * max(1, len(kinds))))
 
 
 def eager_stance(enabled: bool):

@@ -113,10 +113,11 @@ def use_host_checkpoint(model, compile_layers: bool = False, backend: str = "ind
     ``compile_layers`` the layer body is compiled (one graph with gradients, one without, shared by all layers)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from nested_learning.speed.compile import layer_compiler  # the same one graph as speed.compile_scope layers
+    from nested_learning.speed.compile import decoder_layers, layer_compiler, raise_recompile_limit
 
     func = host_checkpoint
-    if compile_layers:
+    if compile_layers:  # the same one graph as speed.compile_scope layers, and the same recompile limit
+        raise_recompile_limit(decoder_layers(model))
         func = functools.partial(host_checkpoint, compiled=layer_compiler(backend))
     count = 0
     for module in model.modules():
