@@ -34,6 +34,7 @@ __all__ = [
     "is_lora_name",
     "layer_index",
     "validate_periods",
+    "validate_weight_averages",
 ]
 
 STRATEGIES = ("layer_depth", "rules", "manual", "gradient_norm")
@@ -67,6 +68,21 @@ def validate_periods(periods: Sequence[Any], field: str = "periods") -> list[int
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
             raise ValueError(f"{field} must be positive integers, got {p!r} in {list(periods)!r}")
     return list(periods)
+
+
+def validate_weight_averages(ema: Any, consolidate: Any) -> tuple[float | None, tuple[int, float] | None]:
+    """``(ema, (every, alpha))`` checked for both optimizers' slow copies (``tiers.ema``, ``tiers.consolidate``):
+    a decay in (0, 1), an integer ``every`` >= 1 and an ``alpha`` in (0, 1]; ``None`` turns either off."""
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
+        raise ValueError(f"ema must be a decay in (0, 1) or None, got {ema!r}")
+    if consolidate is not None:
+        every, alpha = consolidate
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"consolidate: every must be an integer >= 1, got {every!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+            raise ValueError(f"consolidate: alpha must be a number in (0, 1], got {alpha!r}")
+        consolidate = (every, float(alpha))
+    return (None if ema is None else float(ema)), consolidate
 
 
 def is_due(step: int, period: int) -> bool:

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from nested_learning.tiers import validate_weight_averages
+
 __all__ = ["WeightAverages"]
 
 
@@ -47,17 +49,7 @@ class WeightAverages:
     """The consolidation and EMA settings of one optimizer and the updates they make to its state."""
 
     def __init__(self, ema: float | None = None, consolidate: tuple[int, float] | None = None) -> None:
-        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
-            raise ValueError(f"ema must be a decay in (0, 1) or None, got {ema!r}")
-        if consolidate is not None:
-            every, alpha = consolidate
-            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-                raise ValueError(f"consolidate: every must be an integer >= 1, got {every!r}")
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-                raise ValueError(f"consolidate: alpha must be a number in (0, 1], got {alpha!r}")
-            consolidate = (every, float(alpha))
-        self.ema = None if ema is None else float(ema)
-        self.consolidate = consolidate
+        self.ema, self.consolidate = validate_weight_averages(ema, consolidate)
 
     @property
     def active(self) -> bool:

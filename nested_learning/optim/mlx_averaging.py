@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from nested_learning.tiers import validate_weight_averages
+
 __all__ = ["FAST", "MlxWeightAverages", "copy_dtype", "lerp"]
 
 FAST = "fast"  # the key of the fast weights in a saved EMA state (they are not kept in the live state)
@@ -41,17 +43,7 @@ class MlxWeightAverages:
     """The ``ema`` and ``consolidate`` settings of one MLX optimizer and the updates they make to a leaf."""
 
     def __init__(self, ema: float | None = None, consolidate: tuple[int, float] | None = None) -> None:
-        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
-            raise ValueError(f"ema must be a decay in (0, 1) or None, got {ema!r}")
-        if consolidate is not None:
-            every, alpha = consolidate
-            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-                raise ValueError(f"consolidate: every must be an integer >= 1, got {every!r}")
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-                raise ValueError(f"consolidate: alpha must be a number in (0, 1], got {alpha!r}")
-            consolidate = (every, float(alpha))
-        self.ema = None if ema is None else float(ema)
-        self.consolidate = consolidate
+        self.ema, self.consolidate = validate_weight_averages(ema, consolidate)
 
     @property
     def active(self) -> bool:
