@@ -142,6 +142,11 @@ class SpeedConfig(_Section):
         True, description="With SDPA attention: rows holding one sample from position 0 run the causal kernel with "
         "no mask tensor. Off: transformers' own masks.",
     )
+    varlen_attention: bool = Field(
+        True, description="With `skip_causal_mask`: rows packed with several samples run attention sample by sample "
+        "(torch's flash varlen kernel on CUDA) instead of through a (B, 1, T, T) mask. On by itself on CUDA; `true` "
+        "set explicitly also runs it on CPU (a loop over samples). Off: transformers' block-diagonal mask.",
+    )
     outer_rotary: bool = Field(
         True, description="Rotary cos/sin tables as one outer product per forward (checked bit-identical per module). "
         "Off: the model's own rotary forward.",
@@ -515,6 +520,12 @@ class TrainConfig(_Section):
         if "skip_causal_mask" in asked and sp.skip_causal_mask and self.model.attn_implementation != "sdpa":
             out.append(f"speed.skip_causal_mask needs model.attn_implementation sdpa, "
                        f"not {self.model.attn_implementation}")
+        if "varlen_attention" in asked and sp.varlen_attention:
+            if not sp.skip_causal_mask:
+                out.append("speed.varlen_attention needs speed.skip_causal_mask")
+            elif self.model.attn_implementation != "sdpa":
+                out.append(f"speed.varlen_attention needs model.attn_implementation sdpa, "
+                           f"not {self.model.attn_implementation}")
         return out
 
     def to_yaml(self) -> str:

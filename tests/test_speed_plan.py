@@ -63,6 +63,8 @@ def test_printed_plan_per_architecture(arch):
         "speed plan (cpu):",
         "  sdpa_kernels              off  torch's own set",
         f"  skip_causal_mask          {causal}",
+        "  varlen_attention          off  " + ("skip_causal_mask is off" if arch == "gemma2"
+                                              else "data.packing is off (no row holds several samples)"),
         f"  outer_rotary              {rotary}",
         f"  lora_fold                 {fold}",
         f"  chunked_loss              {chunked}",

@@ -45,6 +45,9 @@ class Batch:
     num_tokens: int  # real (non-pad) tokens
     num_loss_tokens: int  # labels[:, 1:] != -100: the tokens a next-token loss is computed on
     one_sample_per_row: bool = False
+    # Packed layout: int32 offsets of each sample in the flattened tokens (``speed.varlen.sample_offsets``), found
+    # on the host so attention that keeps samples apart without a mask never syncs to find them.
+    sample_offsets: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         device = torch.device(device)
@@ -60,6 +63,7 @@ class Batch:
         return replace(
             self, input_ids=move(self.input_ids), labels=move(self.labels),
             attention_mask=move(self.attention_mask), position_ids=move(self.position_ids),
+            sample_offsets=move(self.sample_offsets),
         )
 
     def model_inputs(self) -> dict[str, Any]:
@@ -149,12 +153,16 @@ def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, ma
         lengths = torch.tensor([len(g[0]) for g in groups])
         attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, T)
         position_ids = torch.arange(width).expand(len(groups), width).contiguous()
+        offsets = None
     else:
+        from nested_learning.speed.varlen import sample_offsets
+
         attention_mask, position_ids = None, torch.tensor(pos_rows, dtype=torch.long)
+        offsets = sample_offsets(position_ids)
     return Batch(
         input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
         num_tokens=sum(len(s) for s in samples), num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-        one_sample_per_row=one_sample_per_row,
+        one_sample_per_row=one_sample_per_row, sample_offsets=offsets,
     )
 
 

@@ -28,6 +28,7 @@ class _RowsState(threading.local):
 
     def __init__(self) -> None:
         self.start_at_zero = False  # present on every thread, so a compiled read never misses
+        self.segments = False  # set by ``varlen.packed_rows``: the attention function keeps samples apart itself
 
 
 _rows = _RowsState()
@@ -55,20 +56,22 @@ def _causal_mask_or_none(*args, **kwargs):
     key (a KV cache), positional calls."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-    if args or not _rows.start_at_zero:
+    if args or not (_rows.start_at_zero or _rows.segments):
         return sdpa_mask(*args, **kwargs)
     q_length = kwargs.get("q_length")
     if q_length is None and kwargs.get("cache_position") is not None:  # older transformers' signature
         q_length = kwargs["cache_position"].shape[0]
-    plain = (
-        kwargs.get("mask_function", causal_mask_function) is causal_mask_function
-        and kwargs.get("allow_is_causal_skip", True)
-        and kwargs.get("local_size") is None
+    whole_rows = (
+        kwargs.get("local_size") is None
         and q_length is not None
         and q_length == kwargs.get("kv_length")
         and not kwargs.get("kv_offset", 0)
         and not kwargs.get("q_offset", 0)
     )
+    if whole_rows and _rows.segments:  # packed rows: the samples' boundaries reach the attention function instead
+        return None
+    plain = (whole_rows and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+             and kwargs.get("allow_is_causal_skip", True))
     return None if plain else sdpa_mask(**kwargs)
 
 
@@ -90,7 +93,7 @@ def causal_sdpa_blocker(model) -> str | None:
 
     config = getattr(unwrap_model(model), "config", None)
     implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in ("sdpa", CAUSAL_SDPA):
+    if implementation not in ("sdpa", CAUSAL_SDPA, "nl_varlen_sdpa"):  # the last: speed/varlen.py
         return f"the model runs {implementation} attention, not sdpa"
     try:
         import transformers.masking_utils  # noqa: F401

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from nested_learning.data.records import IGNORE_INDEX
 from nested_learning.model.loading import unwrap_model
-from nested_learning.speed.causal_mask import causal_rows
+from nested_learning.speed.varlen import batch_attention
 
 __all__ = ["chunked_token_loss_sum", "decoder_and_head", "head_blocker", "linear_cross_entropy_sum"]
 
@@ -175,8 +175,8 @@ def chunked_token_loss_sum(model, batch, chunk: int = 2048, kernel: str = "trito
 
         return token_loss_sum(model, batch)
     decoder, head = parts
-    with causal_rows(batch.one_sample_per_row):
-        hidden = decoder(**batch.model_inputs()).last_hidden_state  # (B, T, H)
+    with batch_attention(decoder, batch) as inputs:
+        hidden = decoder(**inputs).last_hidden_state  # (B, T, H)
     hidden = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
     targets = batch.labels[:, 1:].to(hidden.device).reshape(-1)
     loss_sum = linear_cross_entropy_sum(hidden, head.weight, targets, bias=head.bias, chunk=chunk, kernel=kernel)

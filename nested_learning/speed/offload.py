@@ -8,6 +8,11 @@ overlaps the next layers); the backward copies it back, reruns the layer with gr
 and random state, and back-propagates through it, which accumulates the LoRA gradients and returns the gradient of
 the input. The arithmetic is the layer's own, run once more: losses and gradients equal torch's checkpoint.
 
+The copy back does not wait for the layer's backward: each layer's backward first starts the copy of the layer
+before it (the next one backward reaches) on the side stream, so that copy overlaps this layer's recompute and
+backward. The device then holds at most two layer inputs at a time, not one, and no backward waits on the bus
+(Llama-3.2-1B 8 x 2048: 16 copies of 64 MiB a step, about 2.5 ms each at 25 GB/s).
+
 A layer called with a positional tensor beyond its input, or with a keyword tensor that needs a gradient, keeps
 torch's checkpoint: only the input is offloaded and recomputed through.
 """
@@ -31,20 +36,58 @@ def _copy_stream(device: torch.device):
     return _side_streams[device]
 
 
-def _to_host(x: torch.Tensor):
-    """``(host copy, event the copy records or None)``. On CUDA the copy runs on a side stream once the producing
-    kernels are done; ``record_stream`` keeps the allocator from reusing ``x`` before the copy has read it."""
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``x``. On CUDA the copy runs on a side stream once the producing kernels are done (the copy
+    back runs later on the same stream, so in order); ``record_stream`` keeps the allocator from reusing ``x``
+    before the copy has read it."""
     if x.device.type != "cuda":
-        return x.detach().to("cpu", copy=True), None
+        return x.detach().to("cpu", copy=True)
     host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
     stream = _copy_stream(x.device)
     stream.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(stream):
         host.copy_(x, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
     x.record_stream(stream)
-    return host, done
+    return host
+
+
+class _Slot:
+    """One layer input kept on the host, and its copy back to the device once started. Each slot knows the slot of
+    the layer run just before it (``prev``), which is the layer backward reaches next."""
+
+    __slots__ = ("host", "device_copy", "ready", "prev")
+
+    def __init__(self, host: torch.Tensor, prev: "_Slot | None") -> None:
+        self.host, self.prev = host, prev
+        self.device_copy = self.ready = None
+
+    def prefetch(self, device: torch.device) -> None:
+        """Start the copy back to ``device`` on the side stream (once; on CUDA only)."""
+        if self.host is None or self.device_copy is not None or device.type != "cuda":
+            return
+        stream = _copy_stream(device)
+        with torch.cuda.stream(stream):  # after the forward's copy to the host: the same stream, in order
+            self.device_copy = self.host.to(device, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def take(self, device: torch.device) -> torch.Tensor:
+        """The input back on ``device``, ready for the current stream; the slot lets go of both copies."""
+        self.prefetch(device)
+        if device.type != "cuda":
+            out = self.host.to(device)
+        else:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(self.ready)
+            out = self.device_copy
+            out.record_stream(current)  # allocated on the side stream, used and freed on this one
+        self.host = self.device_copy = self.ready = self.prev = None
+        if _last_slot.get(device) is self:
+            del _last_slot[device]
+        return out
+
+
+_last_slot: dict[torch.device, _Slot] = {}  # the slot of the layer that ran last, per device
 
 
 def _autocast_state(device_type: str) -> dict:
@@ -64,7 +107,9 @@ class HostCheckpoint(torch.autograd.Function):
         ctx.autocast = _autocast_state(hidden.device.type)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.device.type == "cuda" else None
-        ctx.host, ctx.copied = _to_host(hidden)
+        previous = _last_slot.get(hidden.device)
+        ctx.slot = _Slot(_to_host(hidden), previous if previous is not None and previous.host is not None else None)
+        _last_slot[hidden.device] = ctx.slot
         with torch.no_grad():
             out = run(hidden)
         ctx.single = torch.is_tensor(out)
@@ -72,9 +117,10 @@ class HostCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if ctx.copied is not None:
-            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
-        hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(ctx.input_grad)
+        slot = ctx.slot
+        if slot.prev is not None:  # the layer backward reaches next: its copy overlaps this layer's work
+            slot.prev.prefetch(ctx.device)
+        hidden = slot.take(ctx.device).requires_grad_(ctx.input_grad)
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)
@@ -86,7 +132,7 @@ class HostCheckpoint(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        ctx.run = ctx.host = None
+        ctx.run = ctx.slot = None
         return None, hidden.grad if ctx.input_grad else None, None
 
 

@@ -27,7 +27,7 @@ __all__ = ["LEVERS", "Lever", "SpeedPlan", "apply_speed", "plan_speed"]
 
 # In the order they act on a training step; docs/speed.md walks through them in this order.
 LEVERS = (
-    "sdpa_kernels", "skip_causal_mask", "outer_rotary", "lora_fold", "chunked_loss", "loss_chunk_kernel",
+    "sdpa_kernels", "skip_causal_mask", "varlen_attention", "outer_rotary", "lora_fold", "chunked_loss", "loss_chunk_kernel",
     "compile", "activation_memory_budget", "offload_activations", "cuda_graphs", "data_parallel",
 )
 
@@ -74,6 +74,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     from nested_learning.speed.lora_groups import unfused_groups
     from nested_learning.speed.offload import checkpointed_layers
     from nested_learning.speed.rotary import rotary_modules
+    from nested_learning.speed.varlen import varlen_blocker, varlen_kernel
 
     sp, cuda = cfg.speed, device.type == "cuda"
     levers: list[Lever] = []
@@ -90,7 +91,17 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     add("sdpa_kernels", why is None, why or ", ".join(sp.sdpa_kernels))
 
     why = first((not sp.skip_causal_mask, "speed.skip_causal_mask is off"), (True, causal_sdpa_blocker(model)))
-    add("skip_causal_mask", why is None, why or "one-sample rows run SDPA's causal kernel, no mask tensor")
+    skip = add("skip_causal_mask", why is None, why or "one-sample rows run SDPA's causal kernel, no mask tensor")
+
+    forced = "varlen_attention" in sp.model_fields_set
+    kernel_ok = varlen_kernel() is not None
+    why = first((not sp.varlen_attention, "speed.varlen_attention is off"), (not skip, "skip_causal_mask is off"),
+                (not cfg.data.packing, "data.packing is off (no row holds several samples)"),
+                (not cuda and not forced, "CPU keeps transformers' mask (true runs a loop over samples)"),
+                (cuda and not kernel_ok and not forced, "this torch has no varlen_attn kernel"),
+                (True, varlen_blocker(model)))
+    how = "torch's flash varlen kernel" if cuda and kernel_ok else "SDPA on each sample in turn"
+    add("varlen_attention", why is None, why or f"packed rows attend sample by sample ({how}), no T x T mask")
 
     why = first((not sp.outer_rotary, "speed.outer_rotary is off"))
     count = 0 if why else len(rotary_modules(model))
@@ -179,6 +190,10 @@ def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device,
         from nested_learning.speed.causal_mask import use_causal_sdpa
 
         use_causal_sdpa(model)
+    if plan.on("varlen_attention"):
+        from nested_learning.speed.varlen import use_varlen_sdpa
+
+        use_varlen_sdpa(model)
     if plan.on("outer_rotary"):
         from nested_learning.speed.rotary import use_outer_rotary
 

@@ -115,7 +115,7 @@ def evaluate_exact_match(
     """Share of samples whose every loss-carrying token is the model's greedy pick (see the module doc):
     ``{exact_match, matched, scored}``. Samples with no loss token are not scored. ``model`` must return logits
     (the PEFT model, not a compiled decoder-only forward)."""
-    from nested_learning.speed.causal_mask import causal_rows
+    from nested_learning.speed.varlen import batch_attention
 
     device = torch.device(device)
     was_training = model.training
@@ -123,8 +123,8 @@ def evaluate_exact_match(
     matched = scored = 0
     try:
         for batch, counts in _batches(samples, pad_id, batch_size, max_batches, device, ranks):
-            with autocast_context(device), causal_rows(batch.one_sample_per_row):
-                logits = model(**batch.model_inputs()).logits
+            with autocast_context(device), batch_attention(model, batch) as inputs:
+                logits = model(**inputs).logits
             if not counts:
                 continue
             picks = logits[:, :-1, :].argmax(dim=-1)  # (B, T-1): position t's greedy choice for token t+1

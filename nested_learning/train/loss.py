@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from nested_learning.data.records import IGNORE_INDEX
-from nested_learning.speed.causal_mask import causal_rows
+from nested_learning.speed.varlen import batch_attention
 
 __all__ = ["make_loss_fn", "token_loss_sum"]
 
@@ -26,8 +26,8 @@ def token_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
     Labels are unshifted (position t predicts label t+1); -100 marks positions that carry no loss.
     The sum is float32 and stays on the device: the caller decides when to read it back.
     """
-    with causal_rows(batch.one_sample_per_row):
-        logits = model(**batch.model_inputs()).logits  # (B, T, V)
+    with batch_attention(model, batch) as inputs:
+        logits = model(**inputs).logits  # (B, T, V)
     logits = logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
     targets = batch.labels[:, 1:].to(logits.device)  # (B, T-1)
     loss_sum = F.cross_entropy(
