@@ -144,11 +144,13 @@ def timed_run(config: Path, out: Path, env: dict, steps: int, timeout: float, ov
                (r["tokens"] - train[i - 1][1]["tokens"]) / r["tokens_per_sec"] * 1e3
                for i, (_, r) in enumerate(train)]
     plan = json.loads((out / "speed_plan.json").read_text())["levers"]
+    phases = json.loads((out / "startup.json").read_text()) if (out / "startup.json").is_file() else {}
     return {
         "plan": {k: ("on  " if plan[k]["on"] else "off ") + plan[k]["note"] for k in ("compile", "cuda_graphs")},
         "to_first_step_s": train[0][0],
         "first_step_s": step_ms[0] / 1e3,  # the trainer's own clock: compilation and the first step
         "startup_s": train[0][0] - step_ms[0] / 1e3,  # launch to the loop: imports, load, data, plan
+        "build_run_s": phases,  # the trainer's own clock per start-up phase (data, model, speed, optimizer)
         f"to_step_{steps}_s": train[steps - 1][0],
         "steady_step_ms": statistics.median(step_ms[len(step_ms) // 2 :]),
         "exit_s": exit_s,

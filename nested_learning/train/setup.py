@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -68,6 +69,7 @@ class Run:
     dist: DistContext = dataclasses.field(default_factory=DistContext)  # data parallelism (default: one process)
     grad_sync: GradSync | None = None  # sums gradients over ranks (train/grad_sync.py); None for one process
     base_bytes_read: int | None = None  # fsdp: base tensors this rank read whole (0 on ranks other than 0)
+    startup_s: dict[str, float] = dataclasses.field(default_factory=dict)  # build_run's phases (startup.json)
 
     @property
     def pad_id(self) -> int:
@@ -220,6 +222,7 @@ def _open_run_dir(run: Run, resume: str | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_atomic(out / "config.yaml", cfg.to_yaml())
     ckpt.write_json(out / "speed_plan.json", run.speed_plan.to_dict())
+    ckpt.write_json(out / "startup.json", {name: round(sec, 3) for name, sec in run.startup_s.items()})
 
 
 def build_run(
@@ -239,6 +242,13 @@ def build_run(
     data-parallel job (default: the process group ``torchrun`` started, if any; see ``train.distributed``).
     """
     cfg = config
+    phases: dict[str, float] = {}  # seconds per phase of the start-up, in order (startup.json, the log)
+    last = [time.perf_counter()]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        phases[name], last[0] = now - last[0], now
+
     dist = dist or current()
     _check_device(cfg, dist)
     out = check_output_dir(cfg, resume)
@@ -249,6 +259,7 @@ def build_run(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     train, valid, batch_plan = _load_data(cfg, tokenizer, data, dist.world)
     retain_sets = load_retain_sets(cfg.eval.retain, cfg.data, tokenizer)
+    phase("data")
 
     def load_adapter(model) -> None:
         if saved is not None:
@@ -273,6 +284,7 @@ def build_run(
         device = next(base.parameters()).device
         model = wrap_lora(base, cfg.lora, seed=cfg.seed)
         load_adapter(model)
+    phase("model")
 
     speed = plan_speed(cfg, model, device, world=dist.world)
     batch_plan.fixed_width = speed.on("cuda_graphs")  # one batch shape for graph replay
@@ -284,21 +296,25 @@ def build_run(
         def shard(m) -> None:
             shard_frozen_base(m, dist, device)
     forward_model = apply_speed(speed, model, cfg, device, before_compile=shard)
+    phase("speed")
 
     probe = make_probe(model, iterate_batches(train, batch_plan, tokenizer.pad_token_id), device,
                        cfg.tiers.probe_steps, loss_fn)
     optimizer, scheduler, assignment, tier_plan = build_optimizer(
         cfg, model, probe, saved_assignment=(saved or {}).get("tier_assignment"))
+    phase("optimizer")
 
     state = TrainerState(total_steps=cfg.schedule.steps, output_dir=str(out), tier_plan=tier_plan,
                          speed_plan=speed.format())
     run = Run(cfg, out, device, tokenizer, model, forward_model, loss_fn, train, valid, batch_plan, optimizer,
               scheduler, assignment, speed, state, retain_sets=retain_sets, dist=dist,
-              base_bytes_read=base_bytes_read)
+              base_bytes_read=base_bytes_read, startup_s=phases)
     if dist.active:
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         run.grad_sync = GradSync(dist, optimizer, cfg.distributed.tier_sync, max_norm)
     if saved is not None:
         _restore(run, saved, resume_from)
+    phase("resume")
+    log.info("start-up: %s", ", ".join(f"{name} {sec:.1f} s" for name, sec in phases.items()))
     dist.on_main(lambda: _open_run_dir(run, resume), "opening the run directory")
     return run
