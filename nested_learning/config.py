@@ -105,6 +105,11 @@ class SpeedConfig(_Section):
     which levers took effect and why the others did not (``nested_learning.speed.plan``); ``docs/speed.md``
     walks through them. A lever set explicitly together with one that rules it out is a config error."""
 
+    fit_memory: bool = Field(
+        True, description="On CUDA: estimate a micro-batch's peak memory before training and, when it would not fit "
+        "the free device memory, turn on gradient checkpointing, then `offload_activations`, by itself (the plan "
+        "prints the estimate). Off: the settings as given.",
+    )
     compile: bool = Field(True, description="Compile the decoder with `torch.compile` on CUDA; the first steps pay "
                           "the compile time. Off: eager kernels. Ignored on CPU (eager and exact). `backend: mlx`: `mx.compile` of "
                           "each micro-batch's forward and backward, on any device.")

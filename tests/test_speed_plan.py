@@ -61,6 +61,7 @@ def test_printed_plan_per_architecture(arch):
     plan = plan_speed(TrainConfig(), _model(arch), torch.device("cpu"))
     assert plan.format() == "\n".join([
         "speed plan (cpu):",
+        "  fit_memory                off  CPU",
         "  sdpa_kernels              off  torch's own set",
         f"  skip_causal_mask          {causal}",
         "  varlen_attention          off  " + ("skip_causal_mask is off" if arch == "gemma2"

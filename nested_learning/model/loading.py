@@ -146,11 +146,16 @@ def prepare_base(model, cfg: ModelConfig):
     model.requires_grad_(False)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs, so no input-grad hook is needed.
-        with warnings.catch_warnings():  # renamed in newer transformers; the old name works on all we support
-            warnings.simplefilter("ignore", FutureWarning)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """transformers' gradient checkpointing on every decoder layer of ``model``, non-reentrant (it works with
+    frozen inputs, so no input-grad hook is needed)."""
+    with warnings.catch_warnings():  # renamed in newer transformers; the old name works on all we support
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_model_and_tokenizer(model_cfg: ModelConfig, seed: int = 0):

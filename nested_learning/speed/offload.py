@@ -173,6 +173,15 @@ def use_host_checkpoint(model, compile_layers: bool = False, backend: str = "ind
     return count
 
 
+def checkpointable_layers(model) -> int:
+    """How many layers of ``model`` transformers can checkpoint (``gradient_checkpointing_enable``)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers without checkpointed layers
+        return 0
+    return sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
+
+
 def checkpointed_layers(model) -> int:
     """How many layers of ``model`` transformers checkpoints (0 when gradient checkpointing is off)."""
     try:

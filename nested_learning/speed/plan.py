@@ -27,7 +27,7 @@ __all__ = ["LEVERS", "Lever", "SpeedPlan", "apply_speed", "plan_speed"]
 
 # In the order they act on a training step; docs/speed.md walks through them in this order.
 LEVERS = (
-    "sdpa_kernels", "skip_causal_mask", "varlen_attention", "outer_rotary", "lora_fold", "chunked_loss", "loss_chunk_kernel",
+    "fit_memory", "sdpa_kernels", "skip_causal_mask", "varlen_attention", "outer_rotary", "lora_fold", "chunked_loss", "loss_chunk_kernel",
     "compile", "activation_memory_budget", "offload_activations", "cuda_graphs", "data_parallel",
 )
 
@@ -46,6 +46,7 @@ class SpeedPlan:
     chunk_tokens: int = 0  # the chunked loss's rows per chunk when on
     chunk_kernel: str = "compile"  # the chunk kernel asked for when on CUDA
     compile_scope: str = "model"  # "layers": decoder layers compiled one by one, sharing their graph (compile on)
+    checkpointing: bool = False  # gradient checkpointing on, asked by model.gradient_checkpointing or fit_memory
 
     def __getitem__(self, name: str) -> Lever:
         for lever in self.levers:
@@ -72,7 +73,8 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     from nested_learning.speed.chunked_loss import head_blocker
     from nested_learning.speed.compile import decoder_layers
     from nested_learning.speed.lora_groups import unfused_groups
-    from nested_learning.speed.offload import checkpointed_layers
+    from nested_learning.speed.memory import choose_memory_mode, device_free_bytes, estimate_memory
+    from nested_learning.speed.offload import checkpointable_layers, checkpointed_layers
     from nested_learning.speed.rotary import rotary_modules
     from nested_learning.speed.varlen import varlen_blocker, varlen_kernel
 
@@ -85,6 +87,23 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
 
     def first(*reasons: tuple[bool, str]) -> str | None:
         return next((why for hit, why in reasons if hit), None)
+
+    # Memory first: checkpointing and offload change which other levers can run.
+    fsdp = world > 1 and cfg.distributed.strategy == "fsdp"
+    asked_ckpt = cfg.model.gradient_checkpointing
+    free = device_free_bytes(device) if cuda else None
+    why = first((not sp.fit_memory, "speed.fit_memory is off"), (not cuda, "CPU"), (fsdp, "distributed.strategy fsdp"),
+                (free is None, "free device memory unknown"),
+                (not checkpointable_layers(model), "no decoder layers that can be checkpointed"))
+    mode = "as set"
+    if why is None:
+        chunk = sp.loss_chunk_tokens if head_blocker(model) is None else 0
+        estimate = estimate_memory(model, cfg.optim.batch_size * cfg.data.max_length, chunk_tokens=chunk,
+                                   checkpointing=asked_ckpt, offload=asked_ckpt and sp.offload_activations)
+        mode, why = choose_memory_mode(estimate, free)
+    add("fit_memory", mode != "as set", why)
+    ckpt = asked_ckpt or mode != "as set"
+    ckpt_name = "model.gradient_checkpointing" if asked_ckpt else "gradient checkpointing (fit_memory)"
 
     # Attention kernels (process-wide).
     why = first((sp.sdpa_kernels is None, "torch's own set"), (not cuda, "CPU"))
@@ -112,8 +131,8 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     groups = sorted({"+".join(names) for names in found})
     why = first((not sp.lora_fold, "speed.lora_fold is off"), (cfg.lora.dropout > 0, "lora.dropout > 0"),
                 (cfg.lora.use_dora, "lora.use_dora"),
-                (cfg.model.gradient_checkpointing, "model.gradient_checkpointing (checkpointed layers cannot trace it)"),
-                (world > 1 and cfg.distributed.strategy == "fsdp",
+                (ckpt, f"{ckpt_name} (checkpointed layers cannot trace it)"),
+                (fsdp,
                  "distributed.strategy fsdp (the fold's [W | S] buffer holds whole frozen weights)"),
                 (not groups, "no sibling LoRA projections (q/k/v, gate/up) in this model"))
     add("lora_fold", why is None, why or f"{len(found)} groups ({', '.join(groups)})")
@@ -132,10 +151,10 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     add("loss_chunk_kernel", why is None, note)
 
     # Decided before compile: offloaded layers are compiled one by one inside the host checkpoint.
-    layers = checkpointed_layers(model)
-    offload_why = first((not sp.offload_activations, "speed.offload_activations is off"),
-                        (not cfg.model.gradient_checkpointing, "model.gradient_checkpointing is off"),
-                        (world > 1 and cfg.distributed.strategy == "fsdp", "distributed.strategy fsdp"),
+    layers = checkpointed_layers(model) if asked_ckpt else checkpointable_layers(model) if ckpt else 0
+    offload_why = first((not (sp.offload_activations or mode == "offload"), "speed.offload_activations is off"),
+                        (not ckpt, "model.gradient_checkpointing is off"),
+                        (fsdp, "distributed.strategy fsdp"),
                         (not layers, "no checkpointed layers in this model"))
     offload = offload_why is None
     why = first((not sp.compile, "speed.compile is off"), (not cuda, "CPU runs eager (exact float32)"))
@@ -175,7 +194,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     order = {name: i for i, name in enumerate(LEVERS)}
     return SpeedPlan(str(device.type), tuple(sorted(levers, key=lambda lv: order[lv.name])),
                      chunk_tokens=sp.loss_chunk_tokens if chunked else 0, chunk_kernel=kernel,
-                     compile_scope="layers" if by_layer or (compiled and offload) else "model")
+                     compile_scope="layers" if by_layer or (compiled and offload) else "model", checkpointing=ckpt)
 
 
 def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device,
@@ -186,6 +205,10 @@ def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device,
     from nested_learning.speed.kernels import apply_kernel_choices
 
     apply_kernel_choices(cfg.speed.sdpa_kernels, device)  # also restores torch's set after an earlier run
+    if plan.on("fit_memory"):  # checkpointing turned on by the plan, as model.gradient_checkpointing would
+        from nested_learning.model.loading import enable_checkpointing, unwrap_model
+
+        enable_checkpointing(unwrap_model(model))
     if plan.on("skip_causal_mask"):
         from nested_learning.speed.causal_mask import use_causal_sdpa
 

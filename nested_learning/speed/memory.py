@@ -1,0 +1,98 @@
+"""``speed.fit_memory``: turn on gradient checkpointing (and host offload) by itself when a micro-batch would not fit.
+
+Before training on CUDA, the peak of one micro-batch is estimated from the model's shape and compared with the
+device memory still free once the base is loaded:
+
+- adapter state: 16 bytes per trainable parameter (fp32 weight, gradient and two Adam moments);
+- the loss: one chunk's logits and their gradient in fp32 (``speed.loss_chunk_tokens`` x vocabulary x 8 bytes),
+  or, unchunked, the whole micro-batch's logits (half precision, fp32 and its gradient: 10 bytes each);
+- activations kept for backward, per token and decoder layer: ``a * hidden + b * intermediate`` elements of the
+  activation dtype, a = 5.8, b = 1.56. The two constants fit the peaks the trainer measured at its defaults on an
+  H200 (``docs/benchmarks.md``: Llama-3.2-1B 8 x 2048 16.5 GiB, Llama-3.1-8B 4 x 2048 40.1 GiB) once weights,
+  adapter state and the loss chunk are taken out; for Qwen2.5-0.5B 8 x 1024 they give 16% more than measured;
+- with gradient checkpointing, each layer keeps only its input (``hidden`` elements per token), plus one layer's
+  activations and their gradients while it is recomputed; with ``speed.offload_activations`` the inputs live in
+  host memory and the device holds two of them at most. Against the Llama-3.2-1B peaks measured with
+  checkpointing (7.1 GiB) and with offload too (5.4 GiB), these come 2.4% below and 12% above.
+
+The first mode that fits in 90% of the free memory wins, starting from what the config asks: as set, then
+checkpointing, then checkpointing with offload. When none fits the plan says so, and the run goes on with the
+smallest (a smaller batch or shorter rows is the user's call). An estimate, not a measurement: ``fit_memory: false``
+keeps the settings as given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MemoryEstimate", "device_free_bytes", "estimate_memory", "choose_memory_mode"]
+
+PER_HIDDEN, PER_INTERMEDIATE = 5.8, 1.56  # activation elements per token and layer (fitted, see above)
+HEADROOM = 0.9  # share of the free device memory a mode may plan to use
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one micro-batch needs on the device beyond the loaded base, per mode."""
+
+    as_set: float
+    checkpointing: float
+    offload: float
+
+    def of(self, mode: str) -> float:
+        return {"as set": self.as_set, "checkpointing": self.checkpointing, "offload": self.offload}[mode]
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` now (CUDA), or None where it cannot be asked."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def estimate_memory(model, tokens: int, *, chunk_tokens: int, checkpointing: bool, offload: bool) -> MemoryEstimate:
+    """The estimate for ``model`` (PEFT-wrapped) at ``tokens`` tokens per micro-batch (rows x row length).
+    ``checkpointing`` / ``offload``: what the config already turns on (a mode never goes below it)."""
+    from nested_learning.model.loading import unwrap_model
+
+    config = unwrap_model(model).config
+    text = getattr(config, "text_config", None) or config
+    hidden = int(text.hidden_size)
+    intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    layers = int(text.num_hidden_layers)
+    vocab = int(text.vocab_size)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    act = max(2, frozen[0].element_size()) if frozen else 4  # half-precision bases run under autocast
+    adapter = 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    loss = chunk_tokens * vocab * 8 if chunk_tokens > 0 else tokens * vocab * 10
+    per_layer = tokens * act * (PER_HIDDEN * hidden + PER_INTERMEDIATE * intermediate)
+    inputs = tokens * hidden * act  # one layer's input
+    fixed = adapter + loss
+    offloaded = fixed + 2 * per_layer + 2 * inputs
+    checkpointed = fixed + 2 * per_layer + layers * inputs
+    full = fixed + layers * per_layer
+    if offload:
+        return MemoryEstimate(offloaded, offloaded, offloaded)
+    if checkpointing:
+        return MemoryEstimate(checkpointed, checkpointed, offloaded)
+    return MemoryEstimate(full, checkpointed, offloaded)
+
+
+def choose_memory_mode(estimate: MemoryEstimate, free: int) -> tuple[str, str]:
+    """``(mode, note)``: the first of "as set", "checkpointing", "offload" whose estimate fits ``HEADROOM`` of
+    ``free`` bytes ("offload" when none does, with a note saying so)."""
+    budget = HEADROOM * free
+    for mode in ("as set", "checkpointing", "offload"):
+        if estimate.of(mode) <= budget:
+            need = f"estimated {estimate.of(mode) / GIB:.1f} GiB of {free / GIB:.1f} GiB free"
+            if mode == "as set":
+                return mode, f"{need}: fits as set"
+            turned = "gradient checkpointing" + (" + layer inputs in host memory" if mode == "offload" else "")
+            return mode, f"{turned} ({need}; as set: {estimate.as_set / GIB:.1f} GiB)"
+    return "offload", (f"gradient checkpointing + layer inputs in host memory, still estimated "
+                       f"{estimate.offload / GIB:.1f} GiB of {free / GIB:.1f} GiB free: lower optim.batch_size "
+                       "or data.max_length")

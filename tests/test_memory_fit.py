@@ -1,0 +1,146 @@
+"""``speed.fit_memory``: a micro-batch's peak estimated before training; gradient checkpointing, then host offload,
+turned on when it would not fit. The estimate against its formula and the peaks measured on the H200, the mode
+chosen per free memory, the plan lines, and a model switched by the plan computing what the unswitched one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_same, tiny
+from nested_learning.config import TrainConfig
+from nested_learning.speed import memory
+from nested_learning.speed.memory import GIB, MemoryEstimate, choose_memory_mode, estimate_memory
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class _Shape:
+    """What the estimate reads of a model, without weights: its config, one frozen bf16 tensor and the LoRA
+    parameters' count (r=16 on the seven projections), all on the meta device."""
+
+    def __init__(self, config, r: int = 16):
+        self.config = config
+        h, i = config.hidden_size, config.intermediate_size
+        kv = config.num_key_value_heads * (h // config.num_attention_heads)
+        dims = {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
+        lora = config.num_hidden_layers * sum(r * (a + b) for a, b in dims.values())
+        self._params = [torch.empty(1, dtype=torch.bfloat16, device="meta"),
+                        torch.empty(lora, device="meta", requires_grad=True)]
+
+    def parameters(self):
+        return iter(self._params)
+
+
+def _shape(name: str) -> _Shape:
+    from transformers import LlamaConfig, Qwen2Config
+
+    if name == "qwen0.5b":
+        return _Shape(Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                  num_attention_heads=14, num_key_value_heads=2))
+    big = name == "llama8b"
+    return _Shape(LlamaConfig(vocab_size=128256, hidden_size=4096 if big else 2048,
+                              intermediate_size=14336 if big else 8192, num_hidden_layers=32 if big else 16,
+                              num_attention_heads=32, num_key_value_heads=8))
+
+
+def test_estimate_follows_its_formula():
+    model = tiny("llama", dtype=torch.bfloat16)  # hidden 48, intermediate 96, 2 layers, vocabulary 211
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokens, act = 4 * 64, 2
+    per_layer = tokens * act * (5.8 * 48 + 1.56 * 96)
+    fixed = 16 * lora + 32 * 211 * 8
+    got = estimate_memory(model, tokens, chunk_tokens=32, checkpointing=False, offload=False)
+    assert got.as_set == pytest.approx(fixed + 2 * per_layer)
+    assert got.checkpointing == pytest.approx(fixed + 2 * per_layer + 2 * tokens * 48 * act)
+    assert got.offload == pytest.approx(fixed + 2 * per_layer + 2 * tokens * 48 * act)
+    unchunked = estimate_memory(model, tokens, chunk_tokens=0, checkpointing=True, offload=False)
+    assert unchunked.as_set == unchunked.checkpointing  # never below what the config asks
+    assert unchunked.as_set - got.checkpointing == pytest.approx(tokens * 211 * 10 - 32 * 211 * 8)
+
+
+@pytest.mark.parametrize("name, tokens, weights_gib, measured_gib, within", [
+    ("llama1b", 8 * 2048, 1.236e9 * 2 / GIB, 16.5, 0.02),   # the two peaks the constants were fitted to
+    ("llama8b", 4 * 2048, 8.03e9 * 2 / GIB, 40.1, 0.02),
+    ("qwen0.5b", 8 * 1024, 0.494e9 * 2 / GIB, 7.4, 0.10),   # measured, not fitted: the estimate runs high
+])
+def test_estimate_against_the_peaks_measured_on_the_h200(name, tokens, weights_gib, measured_gib, within):
+    got = estimate_memory(_shape(name), tokens, chunk_tokens=2048, checkpointing=False, offload=False)
+    assert weights_gib + got.as_set / GIB == pytest.approx(measured_gib, rel=within)
+    assert weights_gib + got.as_set / GIB >= measured_gib * 0.99  # errs on the side of checkpointing
+
+
+def test_llama1b_checkpointed_estimates_against_measured():
+    """Measured with checkpointing 7.1 GiB, with offload too 5.4 GiB (docs/benchmarks.md): the estimates come within
+    3% below and 13% above; the 10% of free memory the choice leaves covers the first."""
+    got = estimate_memory(_shape("llama1b"), 8 * 2048, chunk_tokens=2048, checkpointing=False, offload=False)
+    weights = 1.236e9 * 2 / GIB
+    assert weights + got.checkpointing / GIB == pytest.approx(7.1, rel=0.03)
+    assert weights + got.offload / GIB == pytest.approx(5.4, rel=0.13)
+    assert got.offload < got.checkpointing < got.as_set
+
+
+def test_the_first_mode_that_fits_wins():
+    est = MemoryEstimate(as_set=30 * GIB, checkpointing=9 * GIB, offload=6 * GIB)
+    assert choose_memory_mode(est, 40 * GIB) == ("as set", "estimated 30.0 GiB of 40.0 GiB free: fits as set")
+    assert choose_memory_mode(est, 20 * GIB) == (
+        "checkpointing", "gradient checkpointing (estimated 9.0 GiB of 20.0 GiB free; as set: 30.0 GiB)")
+    assert choose_memory_mode(est, 7 * GIB) == (
+        "offload", "gradient checkpointing + layer inputs in host memory (estimated 6.0 GiB of 7.0 GiB free; "
+        "as set: 30.0 GiB)")
+    mode, note = choose_memory_mode(est, 5 * GIB)
+    assert mode == "offload" and note.endswith("still estimated 6.0 GiB of 5.0 GiB free: lower optim.batch_size "
+                                               "or data.max_length")
+
+
+def _plan(monkeypatch, free_gib: float, **sections):
+    from nested_learning.speed.plan import plan_speed
+
+    monkeypatch.setattr(memory, "device_free_bytes", lambda device: int(free_gib * GIB))
+    cfg = TrainConfig.model_validate({"optim": {"batch_size": 8}, "data": {"max_length": 4096}, **sections})
+    model = tiny("llama", dtype=torch.bfloat16, layers=8)  # deep enough for checkpointing to pay
+    if cfg.model.gradient_checkpointing:  # as the trainer's loading does
+        from nested_learning.model.loading import enable_checkpointing
+
+        enable_checkpointing(model.get_base_model())
+    return plan_speed(cfg, model, torch.device("cuda")), cfg, model
+
+
+def test_plan_turns_checkpointing_on_and_what_that_rules_out(monkeypatch):
+    roomy, _, _ = _plan(monkeypatch, 80)
+    assert not roomy.on("fit_memory") and roomy["fit_memory"].note.endswith("fits as set")
+    assert roomy.on("lora_fold") and not roomy.checkpointing
+    est = estimate_memory(tiny("llama", dtype=torch.bfloat16, layers=8), 8 * 4096, chunk_tokens=2048, checkpointing=False,
+                          offload=False)
+    tight = (est.checkpointing + est.as_set) / 2 / 0.9 / GIB  # room for checkpointing, not for the whole batch
+    plan, _, _ = _plan(monkeypatch, tight)
+    assert plan.on("fit_memory") and plan["fit_memory"].note.startswith("gradient checkpointing (estimated")
+    assert plan.checkpointing and not plan.on("offload_activations")
+    assert plan["lora_fold"].note == "gradient checkpointing (fit_memory) (checkpointed layers cannot trace it)"
+    tighter = (est.offload + est.checkpointing) / 2 / 0.9 / GIB
+    plan, _, _ = _plan(monkeypatch, tighter)
+    assert plan.on("offload_activations") and plan["offload_activations"].note == \
+        "8 checkpointed layer inputs kept in host memory"
+    assert plan.on("compile") and plan.compile_scope == "layers" and not plan.on("cuda_graphs")
+    off, _, _ = _plan(monkeypatch, tighter, speed={"fit_memory": False})
+    assert not off.on("fit_memory") and not off.checkpointing and off.on("lora_fold")
+    asked, _, _ = _plan(monkeypatch, tighter, model={"gradient_checkpointing": True})
+    assert asked.on("fit_memory") and asked.on("offload_activations")  # checkpointing asked, offload added
+    assert asked["lora_fold"].note == "model.gradient_checkpointing (checkpointed layers cannot trace it)"
+
+
+def test_a_model_switched_by_the_plan_computes_what_it_did(monkeypatch):
+    """The plan's checkpointing and offload, carried out on a float64 model (compile off): same loss and gradients
+    as the model untouched."""
+    from nested_learning.speed.plan import apply_speed, plan_speed
+
+    monkeypatch.setattr(memory, "device_free_bytes", lambda device: 1)
+    cfg = TrainConfig.model_validate({"speed": {"compile": False}})
+    model, ref = tiny("llama"), tiny("llama")
+    plan = plan_speed(cfg, model, torch.device("cuda"))
+    assert plan.checkpointing and plan.on("offload_activations")
+    apply_speed(plan, model, cfg, torch.device("cpu"))
+    layers = model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert_same(model.train(), ref.train(), torch.randint(0, 211, (2, 13), generator=torch.Generator().manual_seed(0)),
+                loss_rtol=1e-12, grad_rtol=1e-10)
