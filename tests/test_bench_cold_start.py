@@ -21,7 +21,8 @@ def test_cold_and_warm_runs_time_the_first_step_and_train_the_same(tmp_path):
         assert 0 < run["startup_s"] < run["to_first_step_s"] <= run["to_step_2_s"] <= run["exit_s"]
         assert 0 < run["first_step_s"] < run["to_first_step_s"]
         # the trainer's own start-up phases (startup.json), in order; together less than launch to the loop
-        assert list(run["build_run_s"]) == ["data", "model", "speed", "optimizer", "resume"]
+        assert list(run["build_run_s"]) == ["setup", "tokenizer", "data", "model", "speed", "optimizer",
+                                           "resume"]
         assert all(v >= 0 for v in run["build_run_s"].values())
         assert 0 < sum(run["build_run_s"].values()) < run["startup_s"]
         assert run["plan"] == {"compile": "off CPU runs eager (exact float32)", "cuda_graphs": "off compile is off"}

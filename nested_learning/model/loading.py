@@ -73,11 +73,15 @@ def load_tokenizer(cfg: ModelConfig):
     _check_source(cfg.name_or_path)
     from transformers import AutoTokenizer
 
+    local = Path(cfg.name_or_path).expanduser().exists()
     try:
         tok = AutoTokenizer.from_pretrained(
-            str(Path(cfg.name_or_path).expanduser()) if Path(cfg.name_or_path).expanduser().exists() else cfg.name_or_path,
+            str(Path(cfg.name_or_path).expanduser()) if local else cfg.name_or_path,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
+            # A local folder never needs the hub: without this, transformers may still list a hub repository
+            # named like the folder, which on a machine without network waits for a timeout.
+            local_files_only=local,
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.name_or_path: cannot load a tokenizer from {cfg.name_or_path!r}: {exc}") from None
@@ -109,7 +113,8 @@ def load_model(cfg: ModelConfig, seed: int = 0):
         from transformers import AutoModelForCausalLM
 
         source = cfg.name_or_path
-        if Path(source).expanduser().exists():
+        local = Path(source).expanduser().exists()
+        if local:
             source = str(Path(source).expanduser())
             _refuse_mlx_quantised(Path(source))
         try:
@@ -119,6 +124,7 @@ def load_model(cfg: ModelConfig, seed: int = 0):
                 dtype=dtype,
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
+                local_files_only=local,  # as for the tokenizer: a local folder never asks the hub
             )
         except (OSError, ValueError, ImportError) as exc:
             raise ModelError(f"model.name_or_path: cannot load a causal LM from {cfg.name_or_path!r}: {exc}") from None

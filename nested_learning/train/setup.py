@@ -222,7 +222,8 @@ def _open_run_dir(run: Run, resume: str | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_atomic(out / "config.yaml", cfg.to_yaml())
     ckpt.write_json(out / "speed_plan.json", run.speed_plan.to_dict())
-    ckpt.write_json(out / "startup.json", {name: round(sec, 3) for name, sec in run.startup_s.items()})
+    if run.state.step < run.state.total_steps:  # a resumed run that is already complete writes nothing new
+        ckpt.write_json(out / "startup.json", {name: round(sec, 3) for name, sec in run.startup_s.items()})
 
 
 def build_run(
@@ -256,7 +257,9 @@ def build_run(
     saved = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
 
     seed_everything(cfg.seed)
+    phase("setup")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    phase("tokenizer")
     train, valid, batch_plan = _load_data(cfg, tokenizer, data, dist.world)
     retain_sets = load_retain_sets(cfg.eval.retain, cfg.data, tokenizer)
     phase("data")
