@@ -72,7 +72,7 @@ def test_estimate_against_the_peaks_measured_on_the_h200(name, tokens, weights_g
 
 def test_llama1b_checkpointed_estimates_against_measured():
     """Measured with checkpointing 7.1 GiB, with offload too 5.4 GiB (docs/benchmarks.md): the estimates come within
-    3% below and 13% above; the 10% of free memory the choice leaves covers the first."""
+    3% below and 13% above; the 20% of free memory the choice leaves covers the first."""
     got = estimate_memory(_shape("llama1b"), 8 * 2048, chunk_tokens=2048, checkpointing=False, offload=False)
     weights = 1.236e9 * 2 / GIB
     assert weights + got.checkpointing / GIB == pytest.approx(7.1, rel=0.03)
@@ -80,16 +80,30 @@ def test_llama1b_checkpointed_estimates_against_measured():
     assert got.offload < got.checkpointing < got.as_set
 
 
+@pytest.mark.parametrize("name, seq, weights_gib, rows, fits", [
+    ("qwen0.5b", 1024, 0.494e9 * 2 / GIB, 182, True), ("qwen0.5b", 1024, 0.494e9 * 2 / GIB, 201, False),
+    ("llama1b", 2048, 1.236e9 * 2 / GIB, 69, True), ("llama1b", 2048, 1.236e9 * 2 / GIB, 73, False),
+])
+def test_choice_agrees_with_the_largest_batches_measured_to_fit(name, seq, weights_gib, rows, fits):
+    """On the H200 (140.4 GiB, about 0.5 GiB of it the CUDA context) at the defaults, `bench/peers.py --fit` found
+    the rows that fit and the first that failed: the batch that fitted stays as set, the one that failed gets
+    checkpointing."""
+    free = (140.4 - 0.5 - weights_gib) * GIB
+    estimate = estimate_memory(_shape(name), rows * seq, chunk_tokens=2048, checkpointing=False, offload=False)
+    mode, _ = choose_memory_mode(estimate, free)
+    assert mode == ("as set" if fits else "checkpointing")
+
+
 def test_the_first_mode_that_fits_wins():
     est = MemoryEstimate(as_set=30 * GIB, checkpointing=9 * GIB, offload=6 * GIB)
     assert choose_memory_mode(est, 40 * GIB) == ("as set", "estimated 30.0 GiB of 40.0 GiB free: fits as set")
     assert choose_memory_mode(est, 20 * GIB) == (
         "checkpointing", "gradient checkpointing (estimated 9.0 GiB of 20.0 GiB free; as set: 30.0 GiB)")
-    assert choose_memory_mode(est, 7 * GIB) == (
-        "offload", "gradient checkpointing + layer inputs in host memory (estimated 6.0 GiB of 7.0 GiB free; "
+    assert choose_memory_mode(est, 8 * GIB) == (
+        "offload", "gradient checkpointing + layer inputs in host memory (estimated 6.0 GiB of 8.0 GiB free; "
         "as set: 30.0 GiB)")
-    mode, note = choose_memory_mode(est, 5 * GIB)
-    assert mode == "offload" and note.endswith("still estimated 6.0 GiB of 5.0 GiB free: lower optim.batch_size "
+    mode, note = choose_memory_mode(est, 7 * GIB)  # 6.0 > 0.8 * 7.0
+    assert mode == "offload" and note.endswith("still estimated 6.0 GiB of 7.0 GiB free: lower optim.batch_size "
                                                "or data.max_length")
 
 
@@ -112,12 +126,12 @@ def test_plan_turns_checkpointing_on_and_what_that_rules_out(monkeypatch):
     assert roomy.on("lora_fold") and not roomy.checkpointing
     est = estimate_memory(tiny("llama", dtype=torch.bfloat16, layers=8), 8 * 4096, chunk_tokens=2048, checkpointing=False,
                           offload=False)
-    tight = (est.checkpointing + est.as_set) / 2 / 0.9 / GIB  # room for checkpointing, not for the whole batch
+    tight = (est.checkpointing + est.as_set) / 2 / 0.8 / GIB  # room for checkpointing, not for the whole batch
     plan, _, _ = _plan(monkeypatch, tight)
     assert plan.on("fit_memory") and plan["fit_memory"].note.startswith("gradient checkpointing (estimated")
     assert plan.checkpointing and not plan.on("offload_activations")
     assert plan["lora_fold"].note == "gradient checkpointing (fit_memory) (checkpointed layers cannot trace it)"
-    tighter = (est.offload + est.checkpointing) / 2 / 0.9 / GIB
+    tighter = (est.offload + est.checkpointing) / 2 / 0.8 / GIB
     plan, _, _ = _plan(monkeypatch, tighter)
     assert plan.on("offload_activations") and plan["offload_activations"].note == \
         "8 checkpointed layer inputs kept in host memory"
