@@ -323,6 +323,8 @@ def main() -> None:
     ap.add_argument("--seq-step", type=int, default=1024, help="resolution of a --fit-seq search (tokens)")
     ap.add_argument("--fit-tries", type=int, default=None,
                     help="runs per variant in a --fit search (default 3) or a --fit-seq search (default 6)")
+    ap.add_argument("--worker-log", type=int, default=0, metavar="CHARS",
+                    help="print the end of each variant's own log (e.g. with TORCH_LOGS=recompiles)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, 1+2 steps per variant")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -365,8 +367,13 @@ def main() -> None:
                                   capture_output=True, text=True, timeout=args.timeout)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             res = json.loads(line[-1][7:]) if line else {"error": (proc.stderr or proc.stdout)[-1500:]}
-        except subprocess.TimeoutExpired:
-            res = {"error": f"timeout after {args.timeout} s"}
+            log = proc.stderr
+        except subprocess.TimeoutExpired as exc:  # what the worker wrote before it was stopped says where it was
+            log = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            res = {"error": f"timeout after {args.timeout} s; its last output: {log[-600:]}"}
+        if args.worker_log and log:
+            print(f"--- {variant}: the last {args.worker_log} characters of its log ---\n{log[-args.worker_log:]}",
+                  file=sys.stderr)
         res.update(shape=shape, data=setting, variant=variant, batch=batch, seq=seq,
                    process_s=time.perf_counter() - t0)
         nonlocal results

@@ -1,8 +1,11 @@
 """Chart of bench/peers.py results: real tokens/s and peak memory per variant, one panel pair per shape/data, and
 the largest batch that fit where the file holds a ``--fit`` search. Reads a ``--json`` file (``runs``) or a file of
 several device calls (``calls``, each with its ``runs``); runs at a ``--batch`` size (``variant@bN``) are left out.
+Several files are read as the calls of one: each named by its file name.
 
     python bench/plot_peers.py docs/peers.json docs/peers.png
+    python bench/plot_peers.py docs/peers-unsloth-qwen.json docs/peers-unsloth.json docs/peers-offload.json \
+        docs/peers-unsloth.png
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ORDER = ["ours", "ours_eager", "peft_adamw", "peft_compile", "peft_liger", "hf_trainer", "seed_style"]
+ORDER = ["ours", "ours_eager", "peer_unsloth", "peer_unsloth_gc", "peft_adamw", "peft_compile", "peft_liger",
+         "hf_trainer", "seed_style"]
 
 
 def known(variant: str) -> bool:
@@ -28,10 +33,16 @@ def rank(r):  # tagged variants ("ours+amb08": a --set switch) sort after their 
     return ORDER.index(base), tag
 
 
-def load(src: str) -> tuple[list, list]:
-    """(speed runs, fit searches) of a file. Runs at a ``--batch`` size and unknown variants are left out; in a
-    file of several calls, a shape / data / variant measured in more than one call is named with its call."""
-    doc = json.load(open(src))
+def load(src: str | list[str]) -> tuple[list, list]:
+    """(speed runs, fit searches) of a file or several. Runs at a ``--batch`` size and unknown variants are left
+    out; in a file of several calls, a shape / data / variant measured in more than one call is named with its
+    call."""
+    if isinstance(src, list):
+        docs = {Path(f).stem: json.load(open(f)) for f in src}
+        doc = {"calls": [{"name": name, "runs": d.get("runs", [])} for name, d in docs.items()],
+               "fit_search": [f for d in docs.values() for f in d.get("fit_search", [])]}
+    else:
+        doc = json.load(open(src))
     if "calls" in doc:
         runs = [dict(r, call=call["name"]) for call in doc["calls"] for r in call["runs"]]
     else:
@@ -52,7 +63,7 @@ def bars(ax, rows, values, xlabel):
     ax.invert_yaxis()
 
 
-def main(src: str, dst: str) -> None:
+def main(src: str | list[str], dst: str) -> None:
     runs, fits = load(src)
     groups = sorted({(r["shape"], r["data"]) for r in runs})
     groups += [(shape, "fixed") for shape in sorted({f["shape"] for f in fits}) if (shape, "fixed") not in groups]
@@ -84,4 +95,5 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    sources = sys.argv[1:-1]
+    main(sources[0] if len(sources) == 1 else sources, sys.argv[-1])
