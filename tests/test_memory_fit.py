@@ -143,6 +143,23 @@ def test_plan_turns_checkpointing_on_and_what_that_rules_out(monkeypatch):
     assert asked["lora_fold"].note == "model.gradient_checkpointing (checkpointed layers cannot trace it)"
 
 
+def test_an_explicit_lever_is_never_overridden(monkeypatch):
+    """`speed.lora_fold: true` keeps checkpointing out, `speed.cuda_graphs: true` keeps offload out: the plan
+    keeps what was chosen and its note says what would have fitted."""
+    est = estimate_memory(tiny("llama", dtype=torch.bfloat16, layers=8), 8 * 4096, chunk_tokens=2048,
+                          checkpointing=False, offload=False)
+    tight = (est.checkpointing + est.as_set) / 2 / 0.8 / GIB
+    fold, _, _ = _plan(monkeypatch, tight, speed={"lora_fold": True})
+    assert not fold.on("fit_memory") and fold.on("lora_fold") and not fold.checkpointing
+    assert "kept as set; speed.lora_fold set explicitly rules out checkpointing" in fold["fit_memory"].note
+    tighter = (est.offload + est.checkpointing) / 2 / 0.8 / GIB
+    graphs, _, _ = _plan(monkeypatch, tighter, speed={"cuda_graphs": True}, data={"packing": True, "max_length": 4096})
+    assert graphs.on("fit_memory") and graphs.checkpointing and not graphs.on("offload_activations")
+    assert graphs.on("cuda_graphs")
+    assert graphs["fit_memory"].note.startswith("gradient checkpointing, still estimated")
+    assert "speed.cuda_graphs set explicitly rules out offload" in graphs["fit_memory"].note
+
+
 def test_a_model_switched_by_the_plan_computes_what_it_did(monkeypatch):
     """The plan's checkpointing and offload, carried out on a float64 model (compile off): same loss and gradients
     as the model untouched."""

@@ -16,7 +16,9 @@ device memory still free once the base is loaded:
   checkpointing (7.1 GiB) and with offload too (5.4 GiB), these come 2.4% below and 12% above.
 
 The first mode that fits in 80% of the free memory wins, starting from what the config asks: as set, then
-checkpointing, then checkpointing with offload. When none fits the plan says so, and the run goes on with the
+checkpointing, then checkpointing with offload. A lever set explicitly that a mode would turn off keeps that mode
+out (``speed.lora_fold: true`` rules out checkpointing; ``speed.cuda_graphs: true`` or ``speed.compile_scope:
+model`` rules out offload): an explicit choice is never overridden. When none fits the plan says so, and the run goes on with the
 smallest (a smaller batch or shorter rows is the user's call). An estimate, not a measurement: ``fit_memory: false``
 keeps the settings as given.
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MemoryEstimate", "device_free_bytes", "estimate_memory", "choose_memory_mode"]
+__all__ = ["MODES", "MemoryEstimate", "device_free_bytes", "estimate_memory", "choose_memory_mode"]
 
 PER_HIDDEN, PER_INTERMEDIATE = 5.8, 1.56  # activation elements per token and layer (fitted, see above)
 # Share of the free device memory a mode may plan to use. At 0.8 the choice agrees with the largest batches
@@ -85,17 +87,29 @@ def estimate_memory(model, tokens: int, *, chunk_tokens: int, checkpointing: boo
     return MemoryEstimate(full, checkpointed, offloaded)
 
 
-def choose_memory_mode(estimate: MemoryEstimate, free: int) -> tuple[str, str]:
+MODES = ("as set", "checkpointing", "offload")
+
+
+def choose_memory_mode(estimate: MemoryEstimate, free: int, kept: dict[str, str] | None = None) -> tuple[str, str]:
     """``(mode, note)``: the first of "as set", "checkpointing", "offload" whose estimate fits ``HEADROOM`` of
-    ``free`` bytes ("offload" when none does, with a note saying so)."""
+    ``free`` bytes (the last allowed when none does, with a note saying so). ``kept``: a mode ruled out by a
+    setting the user chose explicitly, with that setting's name (``{"offload": "speed.cuda_graphs"}``): an explicit
+    choice is never overridden; the note names it instead."""
+    kept = kept or {}
+    allowed = [m for m in MODES if m not in kept and not (m == "offload" and "checkpointing" in kept)]
     budget = HEADROOM * free
-    for mode in ("as set", "checkpointing", "offload"):
+    for mode in allowed:
         if estimate.of(mode) <= budget:
             need = f"estimated {estimate.of(mode) / GIB:.1f} GiB of {free / GIB:.1f} GiB free"
             if mode == "as set":
                 return mode, f"{need}: fits as set"
             turned = "gradient checkpointing" + (" + layer inputs in host memory" if mode == "offload" else "")
             return mode, f"{turned} ({need}; as set: {estimate.as_set / GIB:.1f} GiB)"
-    return "offload", (f"gradient checkpointing + layer inputs in host memory, still estimated "
-                       f"{estimate.offload / GIB:.1f} GiB of {free / GIB:.1f} GiB free: lower optim.batch_size "
-                       "or data.max_length")
+    last = allowed[-1]
+    why = next((f"; {name} set explicitly rules out {mode}" for mode, name in kept.items()), "")
+    if last == "as set":
+        return last, (f"estimated {estimate.as_set / GIB:.1f} GiB of {free / GIB:.1f} GiB free, kept as set{why}: "
+                      "lower optim.batch_size or data.max_length")
+    turned = "gradient checkpointing" + (" + layer inputs in host memory" if last == "offload" else "")
+    return last, (f"{turned}, still estimated {estimate.of(last) / GIB:.1f} GiB of {free / GIB:.1f} GiB free{why}: "
+                  "lower optim.batch_size or data.max_length")

@@ -100,7 +100,14 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
         chunk = sp.loss_chunk_tokens if head_blocker(model) is None else 0
         estimate = estimate_memory(model, cfg.optim.batch_size * cfg.data.max_length, chunk_tokens=chunk,
                                    checkpointing=asked_ckpt, offload=asked_ckpt and sp.offload_activations)
-        mode, why = choose_memory_mode(estimate, free)
+        chosen = sp.model_fields_set
+        kept = {}
+        if "lora_fold" in chosen and sp.lora_fold:
+            kept["checkpointing"] = "speed.lora_fold"
+        for lever, value in (("cuda_graphs", True), ("compile_scope", "model")):
+            if lever in chosen and getattr(sp, lever) == value and "offload" not in kept:
+                kept["offload"] = f"speed.{lever}"
+        mode, why = choose_memory_mode(estimate, free, kept)
     add("fit_memory", mode != "as set", why)
     ckpt = asked_ckpt or mode != "as set"
     ckpt_name = "model.gradient_checkpointing" if asked_ckpt else "gradient checkpointing (fit_memory)"
