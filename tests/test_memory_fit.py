@@ -48,50 +48,51 @@ def test_estimate_follows_its_formula():
     model = tiny("llama", dtype=torch.bfloat16)  # hidden 48, intermediate 96, 2 layers, vocabulary 211
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokens, act = 4 * 64, 2
-    per_layer = tokens * act * (5.8 * 48 + 1.56 * 96)
-    fixed = 16 * lora + 32 * 211 * 8
+    per_layer = tokens * act * (1.33 * 48 + 3.05 * 96)
+    fixed = 16 * lora + 32 * 211 * act
     got = estimate_memory(model, tokens, chunk_tokens=32, checkpointing=False, offload=False)
     assert got.as_set == pytest.approx(fixed + 2 * per_layer)
-    assert got.checkpointing == pytest.approx(fixed + 2 * per_layer + 2 * tokens * 48 * act)
-    assert got.offload == pytest.approx(fixed + 2 * per_layer + 2 * tokens * 48 * act)
+    assert got.checkpointing == pytest.approx(fixed + 3.25 * per_layer + 2 * tokens * 48 * act)
+    assert got.offload == pytest.approx(fixed + 3.25 * per_layer + 2 * tokens * 48 * act)
     unchunked = estimate_memory(model, tokens, chunk_tokens=0, checkpointing=True, offload=False)
     assert unchunked.as_set == unchunked.checkpointing  # never below what the config asks
-    assert unchunked.as_set - got.checkpointing == pytest.approx(tokens * 211 * 10 - 32 * 211 * 8)
+    assert unchunked.as_set - got.checkpointing == pytest.approx(tokens * 211 * 10 - 32 * 211 * act)
 
 
 @pytest.mark.parametrize("name, tokens, weights_gib, measured_gib, within", [
-    ("llama1b", 8 * 2048, 1.236e9 * 2 / GIB, 16.5, 0.02),   # the two peaks the constants were fitted to
-    ("llama8b", 4 * 2048, 8.03e9 * 2 / GIB, 40.1, 0.02),
-    ("qwen0.5b", 8 * 1024, 0.494e9 * 2 / GIB, 7.4, 0.10),   # measured, not fitted: the estimate runs high
+    ("llama1b", 8 * 2048, 1.236e9 * 2 / GIB, 16.5, 0.01),   # the two peaks the constants were fitted to
+    ("llama8b", 4 * 2048, 8.03e9 * 2 / GIB, 40.1, 0.01),
+    ("qwen0.5b", 8 * 1024, 0.494e9 * 2 / GIB, 7.4, 0.03),   # measured, not fitted
 ])
 def test_estimate_against_the_peaks_measured_on_the_h200(name, tokens, weights_gib, measured_gib, within):
     got = estimate_memory(_shape(name), tokens, chunk_tokens=2048, checkpointing=False, offload=False)
     assert weights_gib + got.as_set / GIB == pytest.approx(measured_gib, rel=within)
-    assert weights_gib + got.as_set / GIB >= measured_gib * 0.99  # errs on the side of checkpointing
 
 
 def test_llama1b_checkpointed_estimates_against_measured():
-    """Measured with checkpointing 7.1 GiB, with offload too 5.4 GiB (docs/benchmarks.md): the estimates come within
-    3% below and 13% above; the 20% of free memory the choice leaves covers the first."""
+    """Measured with checkpointing 7.1 GiB, with offload too 5.4 GiB (docs/benchmarks.md): the estimates come 5.5%
+    below and 8% above; the 10% of free memory the choice leaves covers the first."""
     got = estimate_memory(_shape("llama1b"), 8 * 2048, chunk_tokens=2048, checkpointing=False, offload=False)
     weights = 1.236e9 * 2 / GIB
-    assert weights + got.checkpointing / GIB == pytest.approx(7.1, rel=0.03)
-    assert weights + got.offload / GIB == pytest.approx(5.4, rel=0.13)
+    assert weights + got.checkpointing / GIB == pytest.approx(7.1, rel=0.06)
+    assert weights + got.offload / GIB == pytest.approx(5.4, rel=0.09)
     assert got.offload < got.checkpointing < got.as_set
 
 
-@pytest.mark.parametrize("name, seq, weights_gib, rows, fits", [
-    ("qwen0.5b", 1024, 0.494e9 * 2 / GIB, 182, True), ("qwen0.5b", 1024, 0.494e9 * 2 / GIB, 201, False),
-    ("llama1b", 2048, 1.236e9 * 2 / GIB, 69, True), ("llama1b", 2048, 1.236e9 * 2 / GIB, 73, False),
+@pytest.mark.parametrize("name, seq, weights_gib, rows, mode", [
+    ("llama1b", 2048, 1.236e9 * 2 / GIB, 69, "as set"),          # fitted
+    ("llama1b", 2048, 1.236e9 * 2 / GIB, 73, "checkpointing"),   # failed
+    ("qwen0.5b", 1024, 0.494e9 * 2 / GIB, 160, "as set"),
+    ("qwen0.5b", 1024, 0.494e9 * 2 / GIB, 182, "checkpointing"),  # fitted, at an estimated 97% of the free memory
+    ("qwen0.5b", 1024, 0.494e9 * 2 / GIB, 201, "checkpointing"),  # failed
 ])
-def test_choice_agrees_with_the_largest_batches_measured_to_fit(name, seq, weights_gib, rows, fits):
+def test_choice_against_the_largest_batches_measured_to_fit(name, seq, weights_gib, rows, mode):
     """On the H200 (140.4 GiB, about 0.5 GiB of it the CUDA context) at the defaults, `bench/peers.py --fit` found
-    the rows that fit and the first that failed: the batch that fitted stays as set, the one that failed gets
-    checkpointing."""
+    the rows that fit and the first that failed. Every batch that failed gets checkpointing; Llama's largest fit
+    stays as set; Qwen's, which left almost nothing spare, is switched (the choice keeps 10% of the memory free)."""
     free = (140.4 - 0.5 - weights_gib) * GIB
     estimate = estimate_memory(_shape(name), rows * seq, chunk_tokens=2048, checkpointing=False, offload=False)
-    mode, _ = choose_memory_mode(estimate, free)
-    assert mode == ("as set" if fits else "checkpointing")
+    assert choose_memory_mode(estimate, free)[0] == mode
 
 
 def test_the_first_mode_that_fits_wins():
@@ -99,11 +100,11 @@ def test_the_first_mode_that_fits_wins():
     assert choose_memory_mode(est, 40 * GIB) == ("as set", "estimated 30.0 GiB of 40.0 GiB free: fits as set")
     assert choose_memory_mode(est, 20 * GIB) == (
         "checkpointing", "gradient checkpointing (estimated 9.0 GiB of 20.0 GiB free; as set: 30.0 GiB)")
-    assert choose_memory_mode(est, 8 * GIB) == (
-        "offload", "gradient checkpointing + layer inputs in host memory (estimated 6.0 GiB of 8.0 GiB free; "
+    assert choose_memory_mode(est, 7 * GIB) == (
+        "offload", "gradient checkpointing + layer inputs in host memory (estimated 6.0 GiB of 7.0 GiB free; "
         "as set: 30.0 GiB)")
-    mode, note = choose_memory_mode(est, 7 * GIB)  # 6.0 > 0.8 * 7.0
-    assert mode == "offload" and note.endswith("still estimated 6.0 GiB of 7.0 GiB free: lower optim.batch_size "
+    mode, note = choose_memory_mode(est, 6.5 * GIB)  # 6.0 > 0.9 * 6.5
+    assert mode == "offload" and note.endswith("still estimated 6.0 GiB of 6.5 GiB free: lower optim.batch_size "
                                                "or data.max_length")
 
 
@@ -126,12 +127,12 @@ def test_plan_turns_checkpointing_on_and_what_that_rules_out(monkeypatch):
     assert roomy.on("lora_fold") and not roomy.checkpointing
     est = estimate_memory(tiny("llama", dtype=torch.bfloat16, layers=8), 8 * 4096, chunk_tokens=2048, checkpointing=False,
                           offload=False)
-    tight = (est.checkpointing + est.as_set) / 2 / 0.8 / GIB  # room for checkpointing, not for the whole batch
+    tight = (est.checkpointing + est.as_set) / 2 / 0.9 / GIB  # room for checkpointing, not for the whole batch
     plan, _, _ = _plan(monkeypatch, tight)
     assert plan.on("fit_memory") and plan["fit_memory"].note.startswith("gradient checkpointing (estimated")
     assert plan.checkpointing and not plan.on("offload_activations")
     assert plan["lora_fold"].note == "gradient checkpointing (fit_memory) (checkpointed layers cannot trace it)"
-    tighter = (est.offload + est.checkpointing) / 2 / 0.8 / GIB
+    tighter = (est.offload + est.checkpointing) / 2 / 0.9 / GIB
     plan, _, _ = _plan(monkeypatch, tighter)
     assert plan.on("offload_activations") and plan["offload_activations"].note == \
         "8 checkpointed layer inputs kept in host memory"
@@ -148,11 +149,11 @@ def test_an_explicit_lever_is_never_overridden(monkeypatch):
     keeps what was chosen and its note says what would have fitted."""
     est = estimate_memory(tiny("llama", dtype=torch.bfloat16, layers=8), 8 * 4096, chunk_tokens=2048,
                           checkpointing=False, offload=False)
-    tight = (est.checkpointing + est.as_set) / 2 / 0.8 / GIB
+    tight = (est.checkpointing + est.as_set) / 2 / 0.9 / GIB
     fold, _, _ = _plan(monkeypatch, tight, speed={"lora_fold": True})
     assert not fold.on("fit_memory") and fold.on("lora_fold") and not fold.checkpointing
     assert "kept as set; speed.lora_fold set explicitly rules out checkpointing" in fold["fit_memory"].note
-    tighter = (est.offload + est.checkpointing) / 2 / 0.8 / GIB
+    tighter = (est.offload + est.checkpointing) / 2 / 0.9 / GIB
     graphs, _, _ = _plan(monkeypatch, tighter, speed={"cuda_graphs": True}, data={"packing": True, "max_length": 4096})
     assert graphs.on("fit_memory") and graphs.checkpointing and not graphs.on("offload_activations")
     assert graphs.on("cuda_graphs")

@@ -4,18 +4,20 @@ Before training on CUDA, the peak of one micro-batch is estimated from the model
 device memory still free once the base is loaded:
 
 - adapter state: 16 bytes per trainable parameter (fp32 weight, gradient and two Adam moments);
-- the loss: one chunk's logits and their gradient in fp32 (``speed.loss_chunk_tokens`` x vocabulary x 8 bytes),
-  or, unchunked, the whole micro-batch's logits (half precision, fp32 and its gradient: 10 bytes each);
+- the loss: one chunk's logits in the activation dtype, whose gradient the chunk writes in place
+  (``speed.loss_chunk_tokens`` x vocabulary), or, unchunked, the whole micro-batch's logits (half precision, fp32
+  and its gradient: 10 bytes each);
 - activations kept for backward, per token and decoder layer: ``a * hidden + b * intermediate`` elements of the
-  activation dtype, a = 5.8, b = 1.56. The two constants fit the peaks the trainer measured at its defaults on an
+  activation dtype, a = 1.33, b = 3.05. The two constants fit the peaks the trainer measured at its defaults on an
   H200 (``docs/benchmarks.md``: Llama-3.2-1B 8 x 2048 16.5 GiB, Llama-3.1-8B 4 x 2048 40.1 GiB) once weights,
-  adapter state and the loss chunk are taken out; for Qwen2.5-0.5B 8 x 1024 they give 16% more than measured;
-- with gradient checkpointing, each layer keeps only its input (``hidden`` elements per token), plus one layer's
-  activations and their gradients while it is recomputed; with ``speed.offload_activations`` the inputs live in
-  host memory and the device holds two of them at most. Against the Llama-3.2-1B peaks measured with
-  checkpointing (7.1 GiB) and with offload too (5.4 GiB), these come 2.4% below and 12% above.
+  adapter state and the loss chunk are taken out; for Qwen2.5-0.5B 8 x 1024 they give 1.8% more than measured;
+- with gradient checkpointing, each layer keeps only its input (``hidden`` elements per token), plus, while one
+  layer is recomputed and back-propagated, 3.25 times that layer's activations; with
+  ``speed.offload_activations`` the inputs live in host memory and the device holds two of them at most. Against
+  the Llama-3.2-1B peaks measured with checkpointing (7.1 GiB) and with offload too (5.4 GiB), these come 5.5%
+  below and 8% above (the factor sits between the two).
 
-The first mode that fits in 80% of the free memory wins, starting from what the config asks: as set, then
+The first mode that fits in 90% of the free memory wins, starting from what the config asks: as set, then
 checkpointing, then checkpointing with offload. A lever set explicitly that a mode would turn off keeps that mode
 out (``speed.lora_fold: true`` rules out checkpointing; ``speed.cuda_graphs: true`` or ``speed.compile_scope:
 model`` rules out offload): an explicit choice is never overridden. When none fits the plan says so, and the run goes on with the
@@ -31,11 +33,12 @@ import torch
 
 __all__ = ["MODES", "MemoryEstimate", "device_free_bytes", "estimate_memory", "choose_memory_mode"]
 
-PER_HIDDEN, PER_INTERMEDIATE = 5.8, 1.56  # activation elements per token and layer (fitted, see above)
-# Share of the free device memory a mode may plan to use. At 0.8 the choice agrees with the largest batches
-# measured to fit on the H200 (docs/benchmarks.md): Qwen2.5-0.5B x 1024 fits 182 rows and fails at 201, Llama-3.2-1B
-# x 2048 fits 69 and fails at 73 (CUDA-graph pools and fragmentation take the rest).
-HEADROOM = 0.8
+PER_HIDDEN, PER_INTERMEDIATE = 1.33, 3.05  # activation elements per token and layer (fitted, see above)
+RECOMPUTE = 3.25  # one checkpointed layer's recompute and backward, in multiples of its activations (fitted)
+# Share of the free device memory a mode may plan to use. On the H200 (docs/benchmarks.md) Llama-3.2-1B x 2048
+# fitted 69 rows (estimated at 87% of the free memory) and failed at 73 (92%); Qwen2.5-0.5B x 1024 fitted 182 rows
+# (97%) and failed at 201. 0.9 separates the Llama pair and switches Qwen from about 170 rows on: safe, not tight.
+HEADROOM = 0.9
 GIB = 2**30
 
 
@@ -73,12 +76,12 @@ def estimate_memory(model, tokens: int, *, chunk_tokens: int, checkpointing: boo
     frozen = [p for p in model.parameters() if not p.requires_grad]
     act = max(2, frozen[0].element_size()) if frozen else 4  # half-precision bases run under autocast
     adapter = 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    loss = chunk_tokens * vocab * 8 if chunk_tokens > 0 else tokens * vocab * 10
+    loss = chunk_tokens * vocab * act if chunk_tokens > 0 else tokens * vocab * 10
     per_layer = tokens * act * (PER_HIDDEN * hidden + PER_INTERMEDIATE * intermediate)
     inputs = tokens * hidden * act  # one layer's input
     fixed = adapter + loss
-    offloaded = fixed + 2 * per_layer + 2 * inputs
-    checkpointed = fixed + 2 * per_layer + layers * inputs
+    offloaded = fixed + RECOMPUTE * per_layer + 2 * inputs
+    checkpointed = fixed + RECOMPUTE * per_layer + layers * inputs
     full = fixed + layers * per_layer
     if offload:
         return MemoryEstimate(offloaded, offloaded, offloaded)
