@@ -131,6 +131,11 @@ class SpeedConfig(_Section):
         "pinned host memory until backward instead of on the device (a copy each way per layer). Turns CUDA graphs "
         "off; with `compile`, each decoder layer is compiled instead of the whole decoder.",
     )
+    recompute_tokens: int = Field(
+        0, ge=0, description="With `offload_activations`: backward recomputes each decoder layer over groups of whole "
+        "rows of at most this many tokens (one row at least), so one layer's recompute holds that share of the "
+        "micro-batch's activations. 0: the whole micro-batch at once. Ignored with dropout in the model.",
+    )
     lora_fold: bool = Field(
         True, description="Fold the LoRA product of projections sharing an input (q/k/v, gate/up) into the frozen "
         "GEMM, `[x | xA] @ [W | sB]^T`. Needs lora.dropout 0, no DoRA, no gradient checkpointing.",
@@ -514,6 +519,9 @@ class TrainConfig(_Section):
                            "their inputs on the device)")
             if self.distributed.strategy == "fsdp":
                 out.append("speed.offload_activations cannot run with distributed.strategy fsdp")
+        if "recompute_tokens" in asked and sp.recompute_tokens and not sp.offload_activations:
+            out.append("speed.recompute_tokens needs speed.offload_activations (only offloaded layers recompute by "
+                       "groups of rows)")
         if "compile_scope" in asked and sp.compile_scope == "layers" and "cuda_graphs" in asked and sp.cuda_graphs:
             out.append("speed.cuda_graphs cannot run with speed.compile_scope layers (the step is no longer one "
                        "compiled region)")

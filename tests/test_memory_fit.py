@@ -54,6 +54,9 @@ def test_estimate_follows_its_formula():
     assert got.as_set == pytest.approx(fixed + 2 * per_layer)
     assert got.checkpointing == pytest.approx(fixed + 3.25 * per_layer + 2 * tokens * 48 * act)
     assert got.offload == pytest.approx(fixed + 3.25 * per_layer + 2 * tokens * 48 * act)
+    by_rows = estimate_memory(model, tokens, chunk_tokens=32, checkpointing=False, offload=False, recompute_share=0.25)
+    assert got.offload - by_rows.offload == pytest.approx(0.75 * 3.25 * per_layer)  # speed.recompute_tokens
+    assert by_rows.checkpointing == got.checkpointing and by_rows.as_set == got.as_set
     unchunked = estimate_memory(model, tokens, chunk_tokens=0, checkpointing=True, offload=False)
     assert unchunked.as_set == unchunked.checkpointing  # never below what the config asks
     assert unchunked.as_set - got.checkpointing == pytest.approx(tokens * 211 * 10 - 32 * 211 * act)

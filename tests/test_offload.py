@@ -15,12 +15,76 @@ from nested_learning.speed import offload
 from nested_learning.speed.offload import use_host_checkpoint
 
 
-def _checkpointed(arch: str, host: bool, dropout: float = 0.0, compile_layers: bool = False):
+def _checkpointed(arch: str, host: bool, dropout: float = 0.0, compile_layers: bool = False,
+                  recompute_tokens: int = 0):
     model = tiny(arch, dropout=dropout)
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if host:
-        assert use_host_checkpoint(model, compile_layers=compile_layers, backend="aot_eager") == 2
+        assert use_host_checkpoint(model, compile_layers=compile_layers, backend="aot_eager",
+                                   recompute_tokens=recompute_tokens) == 2
     return model.train()
+
+
+class RecordGroups:
+    def __init__(self, monkeypatch):
+        self.seen = []
+        real = offload.row_groups
+
+        def recorded(*args):
+            self.seen.append(real(*args))
+            return self.seen[-1]
+
+        monkeypatch.setattr(offload, "row_groups", recorded)
+
+
+def _masked_loss_and_grads(model, ids, mask):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("compile_layers", [False, True])
+def test_recompute_by_groups_of_rows_keeps_loss_and_gradients(arch, compile_layers, monkeypatch):
+    """speed.recompute_tokens: 5 padded rows of 9 tokens, groups of at most 18 tokens: rows [0, 2), [2, 4), [4, 5)
+    recomputed and back-propagated one group at a time (the (B, 1, T, T) mask sliced with them), in both layers;
+    loss and gradients equal torch's checkpoint."""
+    ids = torch.randint(0, 211, (5, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 4:] = 0
+    groups = RecordGroups(monkeypatch)
+    torch._dynamo.reset()
+    got = _masked_loss_and_grads(_checkpointed(arch, True, compile_layers=compile_layers, recompute_tokens=18),
+                                 ids, mask)
+    want = _masked_loss_and_grads(_checkpointed(arch, False), ids, mask)
+    assert groups.seen == [[slice(0, 2), slice(2, 4), slice(4, 5)]] * 2
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
+    for name, g in want[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_rows_are_grouped_only_where_they_can_be():
+    hidden = torch.zeros(4, 8, 3)
+    rope = (torch.zeros(1, 8, 2), torch.zeros(1, 8, 2))  # broadcast over rows: passed whole
+    assert offload.row_groups(hidden, {"position_embeddings": rope, "attention_mask": torch.zeros(4, 1, 8, 8)}, 17) \
+        == [slice(0, 2), slice(2, 4)]
+    assert offload.row_groups(hidden, {}, 4) == [slice(i, i + 1) for i in range(4)]  # one row at least
+    assert offload.row_groups(hidden, {}, 32) is None  # one group: the whole batch
+    assert offload.row_groups(hidden, {}, 0) is None
+    assert offload.row_groups(hidden, {"cu_seq_lens_q": torch.zeros(4, dtype=torch.int32)}, 8) is None  # packed
+    assert offload.row_groups(hidden, {"odd": torch.zeros(3, 8)}, 8) is None  # neither batch-sized nor broadcast
+
+
+def test_models_with_dropout_recompute_whole(monkeypatch):
+    """A group's recompute would draw other dropout masks than the forward did: such models never group."""
+    groups = RecordGroups(monkeypatch)
+    ids = torch.randint(0, 211, (4, 9), generator=torch.Generator().manual_seed(7))
+    model = _checkpointed("llama", True, dropout=0.3, recompute_tokens=9)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert groups.seen == []
+    assert offload.has_dropout(model) and not offload.has_dropout(tiny("llama"))
 
 
 class CountHostCopies:
@@ -89,30 +153,37 @@ def test_compiled_layers_inside_the_host_checkpoint_keep_loss_and_gradients():
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
 
 
-def test_trainer_losses_are_unchanged_and_the_plan_says_so(tmp_path):
-    data = write_data(tmp_path / "data")
-    runs = {}
-    for name, off in (("ref", False), ("host", True)):
-        from nested_learning.train.loop import run_training
+def test_trainer_losses_are_unchanged_and_the_plan_says_so(tmp_path, monkeypatch):
+    from nested_learning.train.loop import run_training
 
+    groups = RecordGroups(monkeypatch)
+    data = write_data(tmp_path / "data")
+    runs, notes = {}, {}
+    cases = (("ref", {"offload_activations": False}), ("host", {"offload_activations": True}),
+             ("rows", {"offload_activations": True, "recompute_tokens": 64}))
+    for name, speed in cases:
         cfg = micro_config(data, tmp_path / name, model={"device": "cpu", "gradient_checkpointing": True},
-                           speed={"offload_activations": off}, schedule={"steps": 4, "warmup_steps": 0},
-                           eval={"every": 0})
+                           speed=speed, schedule={"steps": 4, "warmup_steps": 0}, eval={"every": 0})
         rec = Recorder()
         run_training(cfg, callbacks=[rec])
         runs[name] = rec.steps
-        plan = json.loads((tmp_path / name / "speed_plan.json").read_text())["levers"]["offload_activations"]
-        assert plan == ({"on": True, "note": "2 checkpointed layer inputs kept in host memory"} if off
-                        else {"on": False, "note": "speed.offload_activations is off"})
-    assert [s for s, _ in runs["host"]] == [1, 2, 3, 4]
-    for (_, a), (_, b) in zip(runs["host"], runs["ref"]):
-        assert abs(a - b) <= 1e-6 * abs(b)
+        notes[name] = json.loads((tmp_path / name / "speed_plan.json").read_text())["levers"]["offload_activations"]
+    assert notes == {"ref": {"on": False, "note": "speed.offload_activations is off"},
+                     "host": {"on": True, "note": "2 checkpointed layer inputs kept in host memory"},
+                     "rows": {"on": True, "note": "2 checkpointed layer inputs kept in host memory; recomputed by "
+                                                  "rows, 64 tokens at most"}}
+    assert any(g is not None and len(g) > 1 for g in groups.seen)  # some micro-batches were recomputed by rows
+    for name in ("host", "rows"):
+        assert [s for s, _ in runs[name]] == [1, 2, 3, 4]
+        for (_, a), (_, b) in zip(runs[name], runs["ref"]):
+            assert abs(a - b) <= 1e-6 * abs(b)
 
 
 @pytest.mark.parametrize("sections, message", [
     ({"speed": {"offload_activations": True}}, "speed.offload_activations needs model.gradient_checkpointing"),
     ({"speed": {"offload_activations": True, "cuda_graphs": True}, "model": {"gradient_checkpointing": True},
       "data": {"packing": True}}, "speed.cuda_graphs cannot run with speed.offload_activations"),
+    ({"speed": {"recompute_tokens": 4096}}, "speed.recompute_tokens needs speed.offload_activations"),
 ])
 def test_contradictions_are_config_errors(sections, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):

@@ -62,9 +62,11 @@ def device_free_bytes(device: torch.device) -> int | None:
     return int(free)
 
 
-def estimate_memory(model, tokens: int, *, chunk_tokens: int, checkpointing: bool, offload: bool) -> MemoryEstimate:
+def estimate_memory(model, tokens: int, *, chunk_tokens: int, checkpointing: bool, offload: bool,
+                    recompute_share: float = 1.0) -> MemoryEstimate:
     """The estimate for ``model`` (PEFT-wrapped) at ``tokens`` tokens per micro-batch (rows x row length).
-    ``checkpointing`` / ``offload``: what the config already turns on (a mode never goes below it)."""
+    ``checkpointing`` / ``offload``: what the config already turns on (a mode never goes below it).
+    ``recompute_share``: the share of the rows an offloaded layer recomputes at once (``speed.recompute_tokens``)."""
     from nested_learning.model.loading import unwrap_model
 
     config = unwrap_model(model).config
@@ -80,7 +82,7 @@ def estimate_memory(model, tokens: int, *, chunk_tokens: int, checkpointing: boo
     per_layer = tokens * act * (PER_HIDDEN * hidden + PER_INTERMEDIATE * intermediate)
     inputs = tokens * hidden * act  # one layer's input
     fixed = adapter + loss
-    offloaded = fixed + RECOMPUTE * per_layer + 2 * inputs
+    offloaded = fixed + RECOMPUTE * per_layer * recompute_share + 2 * inputs
     checkpointed = fixed + RECOMPUTE * per_layer + layers * inputs
     full = fixed + layers * per_layer
     if offload:

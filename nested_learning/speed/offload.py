@@ -96,14 +96,55 @@ def _autocast_state(device_type: str) -> dict:
     return {"device_type": device_type, "enabled": True, "dtype": torch.get_autocast_dtype(device_type)}
 
 
+class _Unsliceable(Exception):
+    pass
+
+
+def _rows_of(value, rows: slice, batch: int):
+    """``value`` (a layer keyword argument) for the rows ``rows`` of a ``batch``-row micro-batch: tensors whose
+    first dimension is the batch are sliced, broadcast ones (first dimension 1) and non-tensors pass as they are;
+    anything else raises ``_Unsliceable``."""
+    if torch.is_tensor(value):
+        if value.dim() == 0 or value.size(0) == 1:
+            return value
+        if value.size(0) == batch:
+            return value[rows]
+        raise _Unsliceable
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_of(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows_of(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def row_groups(hidden: torch.Tensor, kwargs: dict, max_tokens: int) -> list[slice] | None:
+    """Groups of whole rows of at most ``max_tokens`` tokens (at least one row each) for recomputing a layer
+    called with ``hidden`` (B, T, H) and ``kwargs``; None when the recompute must take the batch whole: one group,
+    grouping off (0), or keyword arguments that cannot be split by rows (sample offsets of packed rows span the
+    flattened batch)."""
+    batch = hidden.size(0) if hidden.dim() == 3 else 1
+    per_group = max(1, max_tokens // max(hidden.size(1), 1)) if max_tokens > 0 and hidden.dim() == 3 else batch
+    if per_group >= batch or any(k.startswith(("cu_seq_lens", "max_length")) for k in kwargs):
+        return None
+    try:
+        _rows_of(kwargs, slice(0, 1), batch)
+    except _Unsliceable:
+        return None
+    return [slice(start, min(start + per_group, batch)) for start in range(0, batch, per_group)]
+
+
 class HostCheckpoint(torch.autograd.Function):
-    """``HostCheckpoint.apply(run, hidden, anchor)``: ``run(hidden)`` with ``hidden`` kept on the host for backward.
-    ``anchor``: an empty tensor that needs a gradient, so the output does even when ``hidden`` does not (the first
-    layer's input comes from a frozen embedding, and the layer's LoRA tensors still need their gradients)."""
+    """``HostCheckpoint.apply(run, hidden, anchor, groups)``: ``run(hidden)`` with ``hidden`` kept on the host for
+    backward. ``anchor``: an empty tensor that needs a gradient, so the output does even when ``hidden`` does not (the
+    first layer's input comes from a frozen embedding, and the layer's LoRA tensors still need their gradients).
+    ``groups``: None, or ``(rows, run_rows)``: backward recomputes and back-propagates the layer one group of rows at
+    a time (``run_rows(hidden[r], r)`` for each slice ``r``), so only that group's activations exist at once. Rows
+    never attend to each other, so each group's gradients are the whole batch's for those rows; the LoRA
+    gradients add up over the groups."""
 
     @staticmethod
-    def forward(ctx, run: Callable, hidden: torch.Tensor, anchor: torch.Tensor):
-        ctx.run, ctx.device, ctx.input_grad = run, hidden.device, hidden.requires_grad
+    def forward(ctx, run: Callable, hidden: torch.Tensor, anchor: torch.Tensor, groups=None):
+        ctx.run, ctx.device, ctx.input_grad, ctx.groups = run, hidden.device, hidden.requires_grad, groups
         ctx.autocast = _autocast_state(hidden.device.type)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.device.type == "cuda" else None
@@ -122,6 +163,10 @@ class HostCheckpoint(torch.autograd.Function):
             slot.prev.prefetch(ctx.device)
         hidden = slot.take(ctx.device).requires_grad_(ctx.input_grad)
         devices = [ctx.device] if ctx.cuda_rng is not None else []
+        if ctx.groups is not None and ctx.single and grads[0] is not None:
+            hidden_grad = _grouped_backward(ctx, hidden.detach(), grads[0])
+            ctx.run = ctx.slot = ctx.groups = None
+            return None, hidden_grad, None, None
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
@@ -132,39 +177,83 @@ class HostCheckpoint(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        ctx.run = ctx.slot = None
-        return None, hidden.grad if ctx.input_grad else None, None
+        ctx.run = ctx.slot = ctx.groups = None
+        return None, hidden.grad if ctx.input_grad else None, None, None
+
+
+def _grouped_backward(ctx, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+    """Recompute and back-propagate the layer one group of rows at a time; the input's gradient, row by row.
+    (Grouping is only set up for layers without dropout, so the random state needs no replay.)"""
+    rows_list, run_rows = ctx.groups
+    hidden_grad = torch.empty_like(hidden) if ctx.input_grad else None
+    for rows in rows_list:
+        part = hidden[rows].requires_grad_(ctx.input_grad)
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            out = run_rows(part, rows)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad[rows])
+        if hidden_grad is not None:
+            hidden_grad[rows] = part.grad
+    return hidden_grad
 
 
 def _needs_grad(value) -> bool:
     return torch.is_tensor(value) and value.requires_grad
 
 
-def host_checkpoint(fn: Callable, *args, compiled: Callable | None = None, **kwargs):
+def host_checkpoint(fn: Callable, *args, compiled: Callable | None = None, recompute_tokens: int = 0, **kwargs):
     """A ``_gradient_checkpointing_func`` for transformers' checkpointed layers: ``fn(*args, **kwargs)`` with the
     first argument kept on the host (``HostCheckpoint``); ``compiled(fn, hidden)``, when given, runs the layer in
-    both the forward and the recompute."""
+    both the forward and the recompute. ``recompute_tokens`` > 0: backward recomputes groups of whole rows of at
+    most that many tokens (``row_groups``)."""
     bound = getattr(fn, "keywords", None) or {}
     if (not args or not torch.is_tensor(args[0]) or len(args) > 1 or any(map(_needs_grad, bound.values()))
             or any(map(_needs_grad, kwargs.values()))):
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
     hidden = args[0]
-    run = functools.partial(compiled, functools.partial(fn, **kwargs)) if compiled else functools.partial(fn, **kwargs)
+
+    def bind(layer_kwargs: dict) -> Callable:
+        part = functools.partial(fn, **layer_kwargs)
+        return functools.partial(compiled, part) if compiled else part
+
+    groups = None
+    rows = row_groups(hidden, {**bound, **kwargs}, recompute_tokens) if recompute_tokens else None
+    if rows is not None:
+        batch = hidden.size(0)
+        if bound:  # keyword arguments bound into ``fn`` (transformers binds them with functools.partial)
+            fn_rows = lambda r: functools.partial(fn.func, *fn.args, **_rows_of(bound, r, batch))  # noqa: E731
+        else:
+            fn_rows = lambda r: fn  # noqa: E731
+
+        def run_rows(part: torch.Tensor, r: slice):
+            layer = functools.partial(fn_rows(r), **_rows_of(kwargs, r, batch))
+            return compiled(layer, part) if compiled else layer(part)
+
+        groups = (rows, run_rows)
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return HostCheckpoint.apply(run, hidden, anchor)
+    return HostCheckpoint.apply(bind(kwargs), hidden, anchor, groups)
 
 
-def use_host_checkpoint(model, compile_layers: bool = False, backend: str = "inductor") -> int:
+def has_dropout(model) -> bool:
+    """Whether any dropout in ``model`` draws random numbers in training (LoRA dropout, attention dropout)."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def use_host_checkpoint(model, compile_layers: bool = False, backend: str = "inductor",
+                        recompute_tokens: int = 0) -> int:
     """Route every checkpointed layer of ``model`` through ``host_checkpoint``; returns how many. With
-    ``compile_layers`` the layer body is compiled (one graph with gradients, one without, shared by all layers)."""
+    ``compile_layers`` the layer body is compiled (one graph with gradients, one without, shared by all layers).
+    ``recompute_tokens``: see ``host_checkpoint`` (ignored for models with dropout: a group's recompute would
+    draw other masks than the forward did)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from nested_learning.speed.compile import decoder_layers, layer_compiler, raise_recompile_limit
 
-    func = host_checkpoint
+    tokens = 0 if has_dropout(model) else recompute_tokens
+    func = functools.partial(host_checkpoint, recompute_tokens=tokens)
     if compile_layers:  # the same one graph as speed.compile_scope layers, and the same recompile limit
         raise_recompile_limit(decoder_layers(model))
-        func = functools.partial(host_checkpoint, compiled=layer_compiler(backend))
+        func = functools.partial(host_checkpoint, compiled=layer_compiler(backend), recompute_tokens=tokens)
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:

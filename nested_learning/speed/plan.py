@@ -74,7 +74,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     from nested_learning.speed.compile import decoder_layers
     from nested_learning.speed.lora_groups import unfused_groups
     from nested_learning.speed.memory import choose_memory_mode, device_free_bytes, estimate_memory
-    from nested_learning.speed.offload import checkpointable_layers, checkpointed_layers
+    from nested_learning.speed.offload import checkpointable_layers, checkpointed_layers, has_dropout
     from nested_learning.speed.rotary import rotary_modules
     from nested_learning.speed.varlen import varlen_blocker, varlen_kernel
 
@@ -98,8 +98,12 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     mode = "as set"
     if why is None:
         chunk = sp.loss_chunk_tokens if head_blocker(model) is None else 0
-        estimate = estimate_memory(model, cfg.optim.batch_size * cfg.data.max_length, chunk_tokens=chunk,
-                                   checkpointing=asked_ckpt, offload=asked_ckpt and sp.offload_activations)
+        rows = cfg.optim.batch_size
+        share = 1.0  # the share of the micro-batch one offloaded layer recomputes at once
+        if sp.recompute_tokens and not has_dropout(model):
+            share = min(rows, max(1, sp.recompute_tokens // cfg.data.max_length)) / rows
+        estimate = estimate_memory(model, rows * cfg.data.max_length, chunk_tokens=chunk, checkpointing=asked_ckpt,
+                                   offload=asked_ckpt and sp.offload_activations, recompute_share=share)
         chosen = sp.model_fields_set
         kept = {}
         if "lora_fold" in chosen and sp.lora_fold:
@@ -180,7 +184,12 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     why = first((not compiled, "compile is off"), (sp.activation_memory_budget >= 1.0, "1.0 keeps every activation"))
     add("activation_memory_budget", why is None, why or f"{sp.activation_memory_budget:g} of the activations kept")
 
-    add("offload_activations", offload, offload_why or f"{layers} checkpointed layer inputs kept in host memory")
+    groups = ""
+    if sp.recompute_tokens:
+        groups = ("; recomputed whole (dropout in the model)" if has_dropout(model)
+                  else f"; recomputed by rows, {sp.recompute_tokens} tokens at most")
+    add("offload_activations", offload,
+        offload_why or f"{layers} checkpointed layer inputs kept in host memory{groups}")
 
     why = first((not compiled, "compile is off"), (not sp.cuda_graphs, "speed.cuda_graphs is off"),
                 (offload, "speed.offload_activations (replayed graphs keep their inputs on the device)"),
@@ -243,7 +252,7 @@ def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device,
 
             tag_compile_caches()
             set_activation_memory_budget(cfg.speed.activation_memory_budget)
-        use_host_checkpoint(model, compile_layers=plan.on("compile"))
+        use_host_checkpoint(model, compile_layers=plan.on("compile"), recompute_tokens=cfg.speed.recompute_tokens)
         return model
     if not plan.on("compile"):
         return model
