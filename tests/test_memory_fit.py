@@ -99,16 +99,21 @@ def test_choice_against_the_largest_batches_measured_to_fit(name, seq, weights_g
 
 
 def test_the_first_mode_that_fits_wins():
-    est = MemoryEstimate(as_set=30 * GIB, checkpointing=9 * GIB, offload=6 * GIB)
+    est = MemoryEstimate(as_set=30 * GIB, checkpointing=9 * GIB, offload=6 * GIB, rows=4 * GIB)
     assert choose_memory_mode(est, 40 * GIB) == ("as set", "estimated 30.0 GiB of 40.0 GiB free: fits as set")
     assert choose_memory_mode(est, 20 * GIB) == (
         "checkpointing", "gradient checkpointing (estimated 9.0 GiB of 20.0 GiB free; as set: 30.0 GiB)")
     assert choose_memory_mode(est, 7 * GIB) == (
         "offload", "gradient checkpointing + layer inputs in host memory (estimated 6.0 GiB of 7.0 GiB free; "
         "as set: 30.0 GiB)")
-    mode, note = choose_memory_mode(est, 6.5 * GIB)  # 6.0 > 0.9 * 6.5
-    assert mode == "offload" and note.endswith("still estimated 6.0 GiB of 6.5 GiB free: lower optim.batch_size "
-                                               "or data.max_length")
+    assert choose_memory_mode(est, 6 * GIB) == (
+        "rows", "gradient checkpointing + layer inputs in host memory, recomputed by rows of 4096 tokens "
+        "(estimated 4.0 GiB of 6.0 GiB free; as set: 30.0 GiB)")
+    mode, note = choose_memory_mode(est, 4 * GIB)  # 4.0 > 0.9 * 4.0
+    assert mode == "rows" and note.endswith("still estimated 4.0 GiB of 4.0 GiB free: lower optim.batch_size "
+                                            "or data.max_length")
+    mode, note = choose_memory_mode(est, 4 * GIB, {"offload": "speed.cuda_graphs"})
+    assert mode == "checkpointing" and "speed.cuda_graphs set explicitly rules out offload" in note
 
 
 def _plan(monkeypatch, free_gib: float, **sections):
@@ -140,6 +145,15 @@ def test_plan_turns_checkpointing_on_and_what_that_rules_out(monkeypatch):
     assert plan.on("offload_activations") and plan["offload_activations"].note == \
         "8 checkpointed layer inputs kept in host memory"
     assert plan.on("compile") and plan.compile_scope == "layers" and not plan.on("cuda_graphs")
+    assert plan.recompute_tokens == 0
+    est_rows = estimate_memory(tiny("llama", dtype=torch.bfloat16, layers=8), 8 * 4096, chunk_tokens=2048,
+                               checkpointing=False, offload=False, rows_share=1 / 8)
+    tightest = (est_rows.rows + est.offload) / 2 / 0.9 / GIB  # only one row of 4096 tokens at a time fits
+    plan, _, _ = _plan(monkeypatch, tightest)
+    assert plan.on("offload_activations") and plan.recompute_tokens == 4096
+    assert plan["offload_activations"].note == ("8 checkpointed layer inputs kept in host memory; recomputed by "
+                                                "rows, 4096 tokens at most")
+    assert "recomputed by rows of 4096 tokens" in plan["fit_memory"].note
     off, _, _ = _plan(monkeypatch, tighter, speed={"fit_memory": False})
     assert not off.on("fit_memory") and not off.checkpointing and off.on("lora_fold")
     asked, _, _ = _plan(monkeypatch, tighter, model={"gradient_checkpointing": True})

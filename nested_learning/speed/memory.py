@@ -18,7 +18,8 @@ device memory still free once the base is loaded:
   below and 8% above (the factor sits between the two).
 
 The first mode that fits in 90% of the free memory wins, starting from what the config asks: as set, then
-checkpointing, then checkpointing with offload. A lever set explicitly that a mode would turn off keeps that mode
+checkpointing, then checkpointing with offload, then offload with each layer recomputed over groups of rows of
+4096 tokens (``speed.recompute_tokens``). A lever set explicitly that a mode would turn off keeps that mode
 out (``speed.lora_fold: true`` rules out checkpointing; ``speed.cuda_graphs: true`` or ``speed.compile_scope:
 model`` rules out offload): an explicit choice is never overridden. When none fits the plan says so, and the run goes on with the
 smallest (a smaller batch or shorter rows is the user's call). An estimate, not a measurement: ``fit_memory: false``
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MODES", "MemoryEstimate", "device_free_bytes", "estimate_memory", "choose_memory_mode"]
+__all__ = ["MODES", "ROWS_TOKENS", "MemoryEstimate", "device_free_bytes", "estimate_memory", "choose_memory_mode"]
 
 PER_HIDDEN, PER_INTERMEDIATE = 1.33, 3.05  # activation elements per token and layer (fitted, see above)
 RECOMPUTE = 3.25  # one checkpointed layer's recompute and backward, in multiples of its activations (fitted)
@@ -49,9 +50,11 @@ class MemoryEstimate:
     as_set: float
     checkpointing: float
     offload: float
+    rows: float  # offload, each layer recomputed over groups of rows of ROWS_TOKENS tokens
 
     def of(self, mode: str) -> float:
-        return {"as set": self.as_set, "checkpointing": self.checkpointing, "offload": self.offload}[mode]
+        return {"as set": self.as_set, "checkpointing": self.checkpointing, "offload": self.offload,
+                "rows": self.rows}[mode]
 
 
 def device_free_bytes(device: torch.device) -> int | None:
@@ -63,10 +66,11 @@ def device_free_bytes(device: torch.device) -> int | None:
 
 
 def estimate_memory(model, tokens: int, *, chunk_tokens: int, checkpointing: bool, offload: bool,
-                    recompute_share: float = 1.0) -> MemoryEstimate:
+                    recompute_share: float = 1.0, rows_share: float = 1.0) -> MemoryEstimate:
     """The estimate for ``model`` (PEFT-wrapped) at ``tokens`` tokens per micro-batch (rows x row length).
     ``checkpointing`` / ``offload``: what the config already turns on (a mode never goes below it).
-    ``recompute_share``: the share of the rows an offloaded layer recomputes at once (``speed.recompute_tokens``)."""
+    ``recompute_share``: the share of the rows an offloaded layer recomputes at once (``speed.recompute_tokens``);
+    ``rows_share``: that share in the "rows" mode (groups of ``ROWS_TOKENS``)."""
     from nested_learning.model.loading import unwrap_model
 
     config = unwrap_model(model).config
@@ -84,37 +88,41 @@ def estimate_memory(model, tokens: int, *, chunk_tokens: int, checkpointing: boo
     fixed = adapter + loss
     offloaded = fixed + RECOMPUTE * per_layer * recompute_share + 2 * inputs
     checkpointed = fixed + RECOMPUTE * per_layer + layers * inputs
+    by_rows = fixed + RECOMPUTE * per_layer * min(recompute_share, rows_share) + 2 * inputs
     full = fixed + layers * per_layer
     if offload:
-        return MemoryEstimate(offloaded, offloaded, offloaded)
+        return MemoryEstimate(offloaded, offloaded, offloaded, by_rows)
     if checkpointing:
-        return MemoryEstimate(checkpointed, checkpointed, offloaded)
-    return MemoryEstimate(full, checkpointed, offloaded)
+        return MemoryEstimate(checkpointed, checkpointed, offloaded, by_rows)
+    return MemoryEstimate(full, checkpointed, offloaded, by_rows)
 
 
-MODES = ("as set", "checkpointing", "offload")
+MODES = ("as set", "checkpointing", "offload", "rows")
+ROWS_TOKENS = 4096  # the "rows" mode's groups: GEMMs of 4096 tokens still fill an H200
+_TURNED = {"checkpointing": "gradient checkpointing",
+           "offload": "gradient checkpointing + layer inputs in host memory",
+           "rows": f"gradient checkpointing + layer inputs in host memory, recomputed by rows of {ROWS_TOKENS} tokens"}
 
 
 def choose_memory_mode(estimate: MemoryEstimate, free: int, kept: dict[str, str] | None = None) -> tuple[str, str]:
-    """``(mode, note)``: the first of "as set", "checkpointing", "offload" whose estimate fits ``HEADROOM`` of
-    ``free`` bytes (the last allowed when none does, with a note saying so). ``kept``: a mode ruled out by a
+    """``(mode, note)``: the first of ``MODES`` whose estimate fits ``HEADROOM`` of ``free`` bytes (the last allowed when none does, with a note saying so). ``kept``: a mode ruled out by a
     setting the user chose explicitly, with that setting's name (``{"offload": "speed.cuda_graphs"}``): an explicit
     choice is never overridden; the note names it instead."""
     kept = kept or {}
-    allowed = [m for m in MODES if m not in kept and not (m == "offload" and "checkpointing" in kept)]
+    ruled_out = {"checkpointing": {"checkpointing", "offload", "rows"}, "offload": {"offload", "rows"}}
+    out = set().union(*(ruled_out.get(m, {m}) for m in kept))
+    allowed = [m for m in MODES if m not in out]
     budget = HEADROOM * free
     for mode in allowed:
         if estimate.of(mode) <= budget:
             need = f"estimated {estimate.of(mode) / GIB:.1f} GiB of {free / GIB:.1f} GiB free"
             if mode == "as set":
                 return mode, f"{need}: fits as set"
-            turned = "gradient checkpointing" + (" + layer inputs in host memory" if mode == "offload" else "")
-            return mode, f"{turned} ({need}; as set: {estimate.as_set / GIB:.1f} GiB)"
+            return mode, f"{_TURNED[mode]} ({need}; as set: {estimate.as_set / GIB:.1f} GiB)"
     last = allowed[-1]
     why = next((f"; {name} set explicitly rules out {mode}" for mode, name in kept.items()), "")
     if last == "as set":
         return last, (f"estimated {estimate.as_set / GIB:.1f} GiB of {free / GIB:.1f} GiB free, kept as set{why}: "
                       "lower optim.batch_size or data.max_length")
-    turned = "gradient checkpointing" + (" + layer inputs in host memory" if last == "offload" else "")
-    return last, (f"{turned}, still estimated {estimate.of(last) / GIB:.1f} GiB of {free / GIB:.1f} GiB free{why}: "
+    return last, (f"{_TURNED[last]}, still estimated {estimate.of(last) / GIB:.1f} GiB of {free / GIB:.1f} GiB free{why}: "
                   "lower optim.batch_size or data.max_length")

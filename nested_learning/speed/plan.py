@@ -47,6 +47,7 @@ class SpeedPlan:
     chunk_kernel: str = "compile"  # the chunk kernel asked for when on CUDA
     compile_scope: str = "model"  # "layers": decoder layers compiled one by one, sharing their graph (compile on)
     checkpointing: bool = False  # gradient checkpointing on, asked by model.gradient_checkpointing or fit_memory
+    recompute_tokens: int = 0  # offloaded layers recompute by groups of rows of this many tokens (0: whole)
 
     def __getitem__(self, name: str) -> Lever:
         for lever in self.levers:
@@ -73,7 +74,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     from nested_learning.speed.chunked_loss import head_blocker
     from nested_learning.speed.compile import decoder_layers
     from nested_learning.speed.lora_groups import unfused_groups
-    from nested_learning.speed.memory import choose_memory_mode, device_free_bytes, estimate_memory
+    from nested_learning.speed.memory import ROWS_TOKENS, choose_memory_mode, device_free_bytes, estimate_memory
     from nested_learning.speed.offload import checkpointable_layers, checkpointed_layers, has_dropout
     from nested_learning.speed.rotary import rotary_modules
     from nested_learning.speed.varlen import varlen_blocker, varlen_kernel
@@ -98,12 +99,14 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     mode = "as set"
     if why is None:
         chunk = sp.loss_chunk_tokens if head_blocker(model) is None else 0
-        rows = cfg.optim.batch_size
-        share = 1.0  # the share of the micro-batch one offloaded layer recomputes at once
-        if sp.recompute_tokens and not has_dropout(model):
-            share = min(rows, max(1, sp.recompute_tokens // cfg.data.max_length)) / rows
-        estimate = estimate_memory(model, rows * cfg.data.max_length, chunk_tokens=chunk, checkpointing=asked_ckpt,
-                                   offload=asked_ckpt and sp.offload_activations, recompute_share=share)
+        rows, width = cfg.optim.batch_size, cfg.data.max_length
+
+        def share(tokens: int) -> float:  # of the micro-batch, one offloaded layer recomputes at once
+            return 1.0 if not tokens or has_dropout(model) else min(rows, max(1, tokens // width)) / rows
+
+        estimate = estimate_memory(model, rows * width, chunk_tokens=chunk, checkpointing=asked_ckpt,
+                                   offload=asked_ckpt and sp.offload_activations,
+                                   recompute_share=share(sp.recompute_tokens), rows_share=share(ROWS_TOKENS))
         chosen = sp.model_fields_set
         kept = {}
         if "lora_fold" in chosen and sp.lora_fold:
@@ -163,7 +166,9 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
 
     # Decided before compile: offloaded layers are compiled one by one inside the host checkpoint.
     layers = checkpointed_layers(model) if asked_ckpt else checkpointable_layers(model) if ckpt else 0
-    offload_why = first((not (sp.offload_activations or mode == "offload"), "speed.offload_activations is off"),
+    recompute = ROWS_TOKENS if mode == "rows" and not sp.recompute_tokens else sp.recompute_tokens
+    offload_why = first((not (sp.offload_activations or mode in ("offload", "rows")),
+                         "speed.offload_activations is off"),
                         (not ckpt, "model.gradient_checkpointing is off"),
                         (fsdp, "distributed.strategy fsdp"),
                         (not layers, "no checkpointed layers in this model"))
@@ -185,9 +190,9 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     add("activation_memory_budget", why is None, why or f"{sp.activation_memory_budget:g} of the activations kept")
 
     groups = ""
-    if sp.recompute_tokens:
+    if recompute:
         groups = ("; recomputed whole (dropout in the model)" if has_dropout(model)
-                  else f"; recomputed by rows, {sp.recompute_tokens} tokens at most")
+                  else f"; recomputed by rows, {recompute} tokens at most")
     add("offload_activations", offload,
         offload_why or f"{layers} checkpointed layer inputs kept in host memory{groups}")
 
@@ -210,7 +215,8 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     order = {name: i for i, name in enumerate(LEVERS)}
     return SpeedPlan(str(device.type), tuple(sorted(levers, key=lambda lv: order[lv.name])),
                      chunk_tokens=sp.loss_chunk_tokens if chunked else 0, chunk_kernel=kernel,
-                     compile_scope="layers" if by_layer or (compiled and offload) else "model", checkpointing=ckpt)
+                     compile_scope="layers" if by_layer or (compiled and offload) else "model", checkpointing=ckpt,
+                     recompute_tokens=recompute if offload else 0)
 
 
 def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device,
@@ -252,7 +258,7 @@ def apply_speed(plan: SpeedPlan, model, cfg: TrainConfig, device: torch.device,
 
             tag_compile_caches()
             set_activation_memory_budget(cfg.speed.activation_memory_budget)
-        use_host_checkpoint(model, compile_layers=plan.on("compile"), recompute_tokens=cfg.speed.recompute_tokens)
+        use_host_checkpoint(model, compile_layers=plan.on("compile"), recompute_tokens=plan.recompute_tokens)
         return model
     if not plan.on("compile"):
         return model
