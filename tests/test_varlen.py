@@ -52,6 +52,30 @@ def test_offsets_mark_every_sample_and_the_padding_tail():
         sample_offsets(torch.tensor([[1, 2, 0]]))
 
 
+def test_fixed_width_batches_share_one_offsets_length():
+    """With CUDA graphs (fixed-width rows) every micro-batch's offsets take the plan's one length: the fullest
+    rows' samples, a padding tail per row and the end, rounded up to a power of two; a replayed step keeps one
+    shape. Without fixed width each batch rounds its own count."""
+    from itertools import islice
+
+    from nested_learning.data import BatchPlan, iterate_batches
+
+    g = torch.Generator().manual_seed(5)
+    samples = _samples(torch.randint(2, 40, (60,), generator=g).tolist(), seed=5)
+    plan = BatchPlan(samples, 3, seed=0, packing=True, max_length=64, fixed_width=True)
+    fullest = sorted((len(r) for r in plan.rows), reverse=True)[:3]
+    assert plan.offsets_len == max(8, 1 << (sum(fullest) + 3).bit_length())
+    batches = list(islice(iterate_batches(samples, plan, 0), 2 * len(plan)))  # two epochs, rows reshuffled
+    packed = [b for b in batches if b.sample_offsets is not None]
+    assert packed and {b.sample_offsets.numel() for b in packed} == {plan.offsets_len}
+    for b in packed:  # the real offsets, then the end repeated
+        starts = (b.position_ids.reshape(-1) == 0).nonzero().flatten().tolist()
+        assert b.sample_offsets.tolist() == starts + [b.input_ids.numel()] * (plan.offsets_len - len(starts))
+    assert BatchPlan(samples, 3, seed=0, packing=True, max_length=64).offsets_len is None
+    with pytest.raises(ValueError, match="do not fit size=4"):
+        sample_offsets(torch.zeros(1, 5, dtype=torch.long), size=4)
+
+
 def test_segment_attention_equals_a_block_diagonal_mask():
     g = torch.Generator().manual_seed(1)
     lengths, heads, kv_heads, dim = (4, 1, 7, 5, 3), 6, 2, 8

@@ -112,14 +112,15 @@ def _next_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, max_length: int | None = None,
-            width: int | None = None) -> Batch:
+            width: int | None = None, offsets_len: int | None = None) -> Batch:
     """Samples -> ``Batch``, right-padded with ``pad_id`` (labels -100 at padding).
 
     ``packing=True``: samples are laid, in order, into as few rows of <= ``max_length`` tokens as possible;
     T is the longest row. Each sample's ``position_ids`` start at 0 and its first label is -100 (it has
     no in-sample predecessor), so the summed loss equals the padded layout's on the same samples. When no row
     ends up holding two samples, the batch takes the padded layout (see ``Batch``).
-    ``width``: pad rows to at least this many tokens (a fixed batch shape).
+    ``width``: pad rows to at least this many tokens (a fixed batch shape); ``offsets_len``: the length of the
+    packed layout's ``sample_offsets`` (a fixed shape for them too; default: a power of two).
     """
     if not samples:
         raise ValueError("collate: no samples")
@@ -158,7 +159,7 @@ def collate(samples: Sequence[Sample], pad_id: int, *, packing: bool = False, ma
         from nested_learning.speed.varlen import sample_offsets
 
         attention_mask, position_ids = None, torch.tensor(pos_rows, dtype=torch.long)
-        offsets = sample_offsets(position_ids)
+        offsets = sample_offsets(position_ids, size=offsets_len)
     return Batch(
         input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
         num_tokens=sum(len(s) for s in samples), num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
@@ -229,6 +230,16 @@ class BatchPlan:
         units = len(self.rows) if packing else len(self.lengths)
         self._len = math.ceil(units / batch_size)
 
+    @property
+    def offsets_len(self) -> int | None:
+        """With ``fixed_width``: one length for every micro-batch's ``sample_offsets``, so they too keep one shape.
+        A micro-batch holds ``batch_size`` packed rows, each its samples and at most one padding tail: the
+        ``batch_size`` fullest rows bound its samples, plus one offset for the end; rounded up to a power of two."""
+        if not self.fixed_width:
+            return None
+        fullest = sorted((len(row) for row in self.rows), reverse=True)[: self.batch_size]
+        return max(8, 1 << (sum(fullest) + self.batch_size).bit_length())
+
     def __len__(self) -> int:
         return self._len
 
@@ -265,8 +276,9 @@ def iterate_batches(samples: Sequence[Sample], plan: BatchPlan, pad_id: int, *, 
         raise ValueError(f"start must be >= 0, got {start}")
     epoch, offset = divmod(start, len(plan))
     width = plan.max_length if plan.fixed_width else None  # fixed_width implies packing
+    offsets_len = plan.offsets_len
     while True:
         for indices in plan.epoch(epoch)[offset:]:
             yield collate([samples[i] for i in indices], pad_id, packing=plan.packing, max_length=plan.max_length,
-                          width=width)
+                          width=width, offsets_len=offsets_len)
         epoch, offset = epoch + 1, 0

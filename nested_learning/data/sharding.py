@@ -47,11 +47,11 @@ def shard_micro_batch(members: Sequence[Sample], plan: BatchPlan, pad_id: int, r
         units = [[k] for k in range(len(members))]
     start, stop = part_bounds(len(units), rank, world)
     mine = [members[k] for unit in units[start:stop] for k in unit]
-    width = plan.max_length if plan.fixed_width else None
+    fixed = dict(width=plan.max_length, offsets_len=plan.offsets_len) if plan.fixed_width else {}
     if mine:
-        batch = collate(mine, pad_id, packing=plan.packing, max_length=plan.max_length, width=width)
+        batch = collate(mine, pad_id, packing=plan.packing, max_length=plan.max_length, **fixed)
     else:  # nothing left for this rank: one row that carries no loss
-        batch = collate(members[:1], pad_id, packing=plan.packing, max_length=plan.max_length, width=width)
+        batch = collate(members[:1], pad_id, packing=plan.packing, max_length=plan.max_length, **fixed)
         batch = replace(batch, labels=torch.full_like(batch.labels, IGNORE_INDEX))
     return replace(batch, num_tokens=sum(len(s) for s in members),
                    num_loss_tokens=sum(loss_tokens(s) for s in members))

@@ -15,8 +15,9 @@ mask becomes ``None``, and the attention function, handed the boundaries as ``cu
 - elsewhere: causal SDPA on each sample's slice in turn, the reference path the CUDA kernel is tested against.
 
 Padding at the end of a row is a sample of its own (``collate`` restarts its positions) and carries no loss.
-``cu_seqlens`` is padded by repeating its last offset (empty samples) to a power-of-two length, so a compiled step
-sees few distinct shapes.
+``cu_seqlens`` is padded by repeating its last offset (empty samples): with fixed-width batches (CUDA graphs) to one
+length for the whole run (``BatchPlan.offsets_len``), so a replayed step keeps one shape; otherwise to a power of
+two, so a compiled step sees few.
 """
 
 from __future__ import annotations
@@ -37,16 +38,18 @@ VARLEN_SDPA = "nl_varlen_sdpa"
 _registered = False
 
 
-def sample_offsets(position_ids: torch.Tensor) -> torch.Tensor:
+def sample_offsets(position_ids: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """int32 offsets of every sample's first token in the flattened (B * T) tokens, then B * T, padded with
-    repeats of B * T to a power-of-two length (at least 8). A sample starts where its position is 0; every row
-    starts one."""
+    repeats of B * T to ``size`` entries (default: a power of two, at least 8). A sample starts where its position
+    is 0; every row starts one."""
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).flatten().tolist()
     if not starts or starts[0] != 0:
         raise ValueError("sample_offsets: position_ids must start every row at 0")
     offsets = starts + [flat.numel()]
-    size = max(8, 1 << (len(offsets) - 1).bit_length())
+    if size is not None and size < len(offsets):
+        raise ValueError(f"sample_offsets: {len(offsets)} offsets do not fit size={size}")
+    size = size or max(8, 1 << (len(offsets) - 1).bit_length())
     return torch.tensor(offsets + [flat.numel()] * (size - len(offsets)), dtype=torch.int32)
 
 
