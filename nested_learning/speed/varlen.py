@@ -71,9 +71,8 @@ def packed_kwargs(model, batch) -> dict:
     if offsets is None or not uses_varlen(model):
         return {}
     width = batch.input_ids.size(1)
-    # One compiled graph for every number of samples: without this, the second distinct length recompiles the
-    # whole step with dynamic shapes everywhere. The power-of-two padding keeps the lengths (and any CUDA-graph
-    # recordings, one per length) few.
+    # One compiled graph for every offsets length: without this, the second distinct length recompiles the whole
+    # step. Fixed-width plans (CUDA graphs) keep one length per run; others round to powers of two, so few.
     torch._dynamo.maybe_mark_dynamic(offsets, 0)
     return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": width, "max_length_k": width}
 
