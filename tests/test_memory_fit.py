@@ -133,8 +133,8 @@ def test_plan_turns_checkpointing_on_and_what_that_rules_out(monkeypatch):
     roomy, _, _ = _plan(monkeypatch, 80)
     assert not roomy.on("fit_memory") and roomy["fit_memory"].note.endswith("fits as set")
     assert roomy.on("lora_fold") and not roomy.checkpointing
-    est = estimate_memory(tiny("llama", dtype=torch.bfloat16, layers=8), 8 * 4096, chunk_tokens=2048, checkpointing=False,
-                          offload=False)
+    est = estimate_memory(tiny("llama", dtype=torch.bfloat16, layers=8), 8 * 4096, chunk_tokens=2048,
+                          checkpointing=False, offload=False)
     tight = (est.checkpointing + est.as_set) / 2 / 0.9 / GIB  # room for checkpointing, not for the whole batch
     plan, _, _ = _plan(monkeypatch, tight)
     assert plan.on("fit_memory") and plan["fit_memory"].note.startswith("gradient checkpointing (estimated")

@@ -21,9 +21,9 @@ The first mode that fits in 90% of the free memory wins, starting from what the 
 checkpointing, then checkpointing with offload, then offload with each layer recomputed over groups of rows of
 4096 tokens (``speed.recompute_tokens``). A lever set explicitly that a mode would turn off keeps that mode
 out (``speed.lora_fold: true`` rules out checkpointing; ``speed.cuda_graphs: true`` or ``speed.compile_scope:
-model`` rules out offload): an explicit choice is never overridden. When none fits the plan says so, and the run goes on with the
-smallest (a smaller batch or shorter rows is the user's call). An estimate, not a measurement: ``fit_memory: false``
-keeps the settings as given.
+model`` rules out offload): an explicit choice is never overridden. When none fits the plan says so, and the run goes
+on with the smallest (a smaller batch or shorter rows is the user's call). An estimate, not a measurement:
+``fit_memory: false`` keeps the settings as given.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MODES", "ROWS_TOKENS", "MemoryEstimate", "device_free_bytes", "estimate_memory", "choose_memory_mode"]
+__all__ = ["MODES", "ROWS_TOKENS", "MemoryEstimate", "choose_for_config", "choose_memory_mode", "device_free_bytes",
+           "estimate_memory"]
 
 PER_HIDDEN, PER_INTERMEDIATE = 1.33, 3.05  # activation elements per token and layer (fitted, see above)
 RECOMPUTE = 3.25  # one checkpointed layer's recompute and backward, in multiples of its activations (fitted)
@@ -105,9 +106,10 @@ _TURNED = {"checkpointing": "gradient checkpointing",
 
 
 def choose_memory_mode(estimate: MemoryEstimate, free: int, kept: dict[str, str] | None = None) -> tuple[str, str]:
-    """``(mode, note)``: the first of ``MODES`` whose estimate fits ``HEADROOM`` of ``free`` bytes (the last allowed when none does, with a note saying so). ``kept``: a mode ruled out by a
-    setting the user chose explicitly, with that setting's name (``{"offload": "speed.cuda_graphs"}``): an explicit
-    choice is never overridden; the note names it instead."""
+    """``(mode, note)``: the first of ``MODES`` whose estimate fits ``HEADROOM`` of ``free`` bytes (the last allowed
+    when none does, with a note saying so). ``kept``: a mode ruled out by a setting the user chose explicitly, with
+    that setting's name (``{"offload": "speed.cuda_graphs"}``): an explicit choice is never overridden; the note
+    names it instead."""
     kept = kept or {}
     ruled_out = {"checkpointing": {"checkpointing", "offload", "rows"}, "offload": {"offload", "rows"}}
     out = set().union(*(ruled_out.get(m, {m}) for m in kept))
@@ -124,5 +126,30 @@ def choose_memory_mode(estimate: MemoryEstimate, free: int, kept: dict[str, str]
     if last == "as set":
         return last, (f"estimated {estimate.as_set / GIB:.1f} GiB of {free / GIB:.1f} GiB free, kept as set{why}: "
                       "lower optim.batch_size or data.max_length")
-    return last, (f"{_TURNED[last]}, still estimated {estimate.of(last) / GIB:.1f} GiB of {free / GIB:.1f} GiB free{why}: "
-                  "lower optim.batch_size or data.max_length")
+    return last, (f"{_TURNED[last]}, still estimated {estimate.of(last) / GIB:.1f} GiB of {free / GIB:.1f} GiB "
+                  f"free{why}: lower optim.batch_size or data.max_length")
+
+
+def choose_for_config(cfg, model, free: int) -> tuple[str, str]:
+    """``choose_memory_mode`` for a run of ``cfg`` (a ``TrainConfig``) on ``model`` with ``free`` bytes: the
+    estimate at ``optim.batch_size`` rows of ``data.max_length`` tokens, and the modes explicit levers keep out."""
+    from nested_learning.speed.chunked_loss import head_blocker
+    from nested_learning.speed.offload import has_dropout
+
+    sp, rows, width = cfg.speed, cfg.optim.batch_size, cfg.data.max_length
+    dropout = has_dropout(model)  # recompute by rows is off then (offload.use_host_checkpoint)
+
+    def share(tokens: int) -> float:  # of the micro-batch, one offloaded layer recomputes at once
+        return 1.0 if not tokens or dropout else min(rows, max(1, tokens // width)) / rows
+
+    asked = cfg.model.gradient_checkpointing
+    estimate = estimate_memory(model, rows * width, chunk_tokens=sp.loss_chunk_tokens if head_blocker(model) is None
+                               else 0, checkpointing=asked, offload=asked and sp.offload_activations,
+                               recompute_share=share(sp.recompute_tokens), rows_share=share(ROWS_TOKENS))
+    chosen, kept = sp.model_fields_set, {}
+    if "lora_fold" in chosen and sp.lora_fold:
+        kept["checkpointing"] = "speed.lora_fold"
+    for lever, value in (("cuda_graphs", True), ("compile_scope", "model")):
+        if lever in chosen and getattr(sp, lever) == value and "offload" not in kept:
+            kept["offload"] = f"speed.{lever}"
+    return choose_memory_mode(estimate, free, kept)

@@ -212,26 +212,22 @@ def host_checkpoint(fn: Callable, *args, compiled: Callable | None = None, recom
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
     hidden = args[0]
 
-    def bind(layer_kwargs: dict) -> Callable:
-        part = functools.partial(fn, **layer_kwargs)
-        return functools.partial(compiled, part) if compiled else part
+    # transformers binds the layer's keyword arguments into ``fn`` (a functools.partial): take them out, so the
+    # recompute by rows can hand each group its rows of them.
+    layer_fn, layer_args = (fn.func, fn.args) if bound else (fn, ())
+    layer_kwargs = {**bound, **kwargs}
+
+    def run(part: torch.Tensor, layer_kw: dict = layer_kwargs):
+        layer = functools.partial(layer_fn, *layer_args, **layer_kw)
+        return compiled(layer, part) if compiled else layer(part)
 
     groups = None
-    rows = row_groups(hidden, {**bound, **kwargs}, recompute_tokens) if recompute_tokens else None
+    rows = row_groups(hidden, layer_kwargs, recompute_tokens) if recompute_tokens else None
     if rows is not None:
         batch = hidden.size(0)
-        if bound:  # keyword arguments bound into ``fn`` (transformers binds them with functools.partial)
-            fn_rows = lambda r: functools.partial(fn.func, *fn.args, **_rows_of(bound, r, batch))  # noqa: E731
-        else:
-            fn_rows = lambda r: fn  # noqa: E731
-
-        def run_rows(part: torch.Tensor, r: slice):
-            layer = functools.partial(fn_rows(r), **_rows_of(kwargs, r, batch))
-            return compiled(layer, part) if compiled else layer(part)
-
-        groups = (rows, run_rows)
+        groups = (rows, lambda part, r: run(part, _rows_of(layer_kwargs, r, batch)))
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return HostCheckpoint.apply(bind(kwargs), hidden, anchor, groups)
+    return HostCheckpoint.apply(run, hidden, anchor, groups)
 
 
 def has_dropout(model) -> bool:

@@ -27,8 +27,9 @@ __all__ = ["LEVERS", "Lever", "SpeedPlan", "apply_speed", "plan_speed"]
 
 # In the order they act on a training step; docs/speed.md walks through them in this order.
 LEVERS = (
-    "fit_memory", "sdpa_kernels", "skip_causal_mask", "varlen_attention", "outer_rotary", "lora_fold", "chunked_loss", "loss_chunk_kernel",
-    "compile", "activation_memory_budget", "offload_activations", "cuda_graphs", "data_parallel",
+    "fit_memory", "sdpa_kernels", "skip_causal_mask", "varlen_attention", "outer_rotary", "lora_fold",
+    "chunked_loss", "loss_chunk_kernel", "compile", "activation_memory_budget", "offload_activations", "cuda_graphs",
+    "data_parallel",
 )
 
 
@@ -74,7 +75,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     from nested_learning.speed.chunked_loss import head_blocker
     from nested_learning.speed.compile import decoder_layers
     from nested_learning.speed.lora_groups import unfused_groups
-    from nested_learning.speed.memory import ROWS_TOKENS, choose_memory_mode, device_free_bytes, estimate_memory
+    from nested_learning.speed.memory import ROWS_TOKENS, choose_for_config, device_free_bytes
     from nested_learning.speed.offload import checkpointable_layers, checkpointed_layers, has_dropout
     from nested_learning.speed.rotary import rotary_modules
     from nested_learning.speed.varlen import varlen_blocker, varlen_kernel
@@ -98,23 +99,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
                 (not checkpointable_layers(model), "no decoder layers that can be checkpointed"))
     mode = "as set"
     if why is None:
-        chunk = sp.loss_chunk_tokens if head_blocker(model) is None else 0
-        rows, width = cfg.optim.batch_size, cfg.data.max_length
-
-        def share(tokens: int) -> float:  # of the micro-batch, one offloaded layer recomputes at once
-            return 1.0 if not tokens or has_dropout(model) else min(rows, max(1, tokens // width)) / rows
-
-        estimate = estimate_memory(model, rows * width, chunk_tokens=chunk, checkpointing=asked_ckpt,
-                                   offload=asked_ckpt and sp.offload_activations,
-                                   recompute_share=share(sp.recompute_tokens), rows_share=share(ROWS_TOKENS))
-        chosen = sp.model_fields_set
-        kept = {}
-        if "lora_fold" in chosen and sp.lora_fold:
-            kept["checkpointing"] = "speed.lora_fold"
-        for lever, value in (("cuda_graphs", True), ("compile_scope", "model")):
-            if lever in chosen and getattr(sp, lever) == value and "offload" not in kept:
-                kept["offload"] = f"speed.{lever}"
-        mode, why = choose_memory_mode(estimate, free, kept)
+        mode, why = choose_for_config(cfg, model, free)
     add("fit_memory", mode != "as set", why)
     ckpt = asked_ckpt or mode != "as set"
     ckpt_name = "model.gradient_checkpointing" if asked_ckpt else "gradient checkpointing (fit_memory)"
@@ -190,7 +175,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     add("activation_memory_budget", why is None, why or f"{sp.activation_memory_budget:g} of the activations kept")
 
     groups = ""
-    if recompute:
+    if recompute and offload:
         groups = ("; recomputed whole (dropout in the model)" if has_dropout(model)
                   else f"; recomputed by rows, {recompute} tokens at most")
     add("offload_activations", offload,
