@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from peers_fit import fit_table, is_oom, search_fit  # noqa: E402
+from peers_fit import fit_table, is_oom, search_fit, seq_table  # noqa: E402
 
 
 def card(limit):
@@ -138,7 +138,7 @@ def test_seq_driver_tries_batch_one_rows_and_keeps_the_batch_search(tmp_path):
     got = saved["fit_seq_search"][0]
     assert (got["variant"], got["fit"], got["oom"]) == ("ours", 192, 224)
     assert saved["fit_search"] == [{"shape": "smoke", "variant": "x"}]
-    assert "| smoke | ours | 192 | 224 | 1.9 | 1,000 |" in peers.seq_table(saved["fit_seq_search"])
+    assert "| smoke | ours | 192 | 224 | 1.9 | 1,000 |" in seq_table(saved["fit_seq_search"])
 
 
 def test_packed_rows_are_exactly_full_and_keep_their_samples_apart():
