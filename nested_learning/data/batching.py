@@ -229,6 +229,9 @@ class BatchPlan:
         self.rows = _best_fit_decreasing(self.lengths, max_length) if packing else None
         units = len(self.rows) if packing else len(self.lengths)
         self._len = math.ceil(units / batch_size)
+        # The most samples ``batch_size`` packed rows can hold, each with at most one padding tail (offsets_len).
+        fullest = sorted((len(row) for row in self.rows), reverse=True)[:batch_size] if packing else []
+        self._most_samples = sum(fullest) + batch_size
 
     @property
     def offsets_len(self) -> int | None:
@@ -237,8 +240,7 @@ class BatchPlan:
         ``batch_size`` fullest rows bound its samples, plus one offset for the end; rounded up to a power of two."""
         if not self.fixed_width:
             return None
-        fullest = sorted((len(row) for row in self.rows), reverse=True)[: self.batch_size]
-        return max(8, 1 << (sum(fullest) + self.batch_size).bit_length())
+        return max(8, 1 << self._most_samples.bit_length())
 
     def __len__(self) -> int:
         return self._len

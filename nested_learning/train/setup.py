@@ -244,11 +244,12 @@ def build_run(
     """
     cfg = config
     phases: dict[str, float] = {}  # seconds per phase of the start-up, in order (startup.json, the log)
-    last = [time.perf_counter()]
+    since = time.perf_counter()
 
     def phase(name: str) -> None:
+        nonlocal since
         now = time.perf_counter()
-        phases[name], last[0] = now - last[0], now
+        phases[name], since = now - since, now
 
     dist = dist or current()
     _check_device(cfg, dist)
