@@ -93,7 +93,9 @@ def test_torch_and_mlx_take_the_same_steps(tmp_path, case):
     for key, value in theirs.items():
         module = key.removeprefix("base_model.model.").split(".lora_")[0]
         leaf = "lora_a" if ".lora_A." in key else "lora_b"
-        np.testing.assert_allclose(ours[f"{module}.{leaf}"], value.numpy().T, rtol=1e-3, atol=2e-6)
+        # Adam divides by the root of the second moment, so an element with tiny gradients turns float32 reduction
+        # order into visible update differences: 1e-4 absolute is 1% of one step at lr 1e-2.
+        np.testing.assert_allclose(ours[f"{module}.{leaf}"], value.numpy().T, rtol=1e-3, atol=1e-4)
     if averaging:
         evals_t = [r for r in _metrics(tmp_path / "torch") if "val_loss" in r]
         evals_m = [r for r in _metrics(tmp_path / "mlx") if "val_loss" in r]

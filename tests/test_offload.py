@@ -262,4 +262,7 @@ def test_cuda_recompute_by_groups_of_rows_agrees_with_the_whole_batch(monkeypatc
     (l_rows, g_rows), (l_whole, g_whole) = results
     assert torch.equal(l_rows, l_whole)
     for name, g in g_whole.items():
-        torch.testing.assert_close(g_rows[name], g, rtol=2e-2, atol=1e-6, msg=name)
+        # Each group's bf16 GEMM rounds its own partial sum (the whole batch rounds one): single elements near zero
+        # move by more than any elementwise bound, so the tensor is compared as a whole. A group left out or counted
+        # twice moves it by tens of percent.
+        assert (g_rows[name] - g).norm() <= 1e-2 * g.norm(), name
