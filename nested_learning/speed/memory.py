@@ -18,8 +18,9 @@ device memory still free once the base is loaded:
   below and 8% above (the factor sits between the two).
 
 The first mode that fits in 90% of the free memory wins, starting from what the config asks: as set, then
-checkpointing, then checkpointing with offload, then offload with each layer recomputed over groups of rows of
-4096 tokens (``speed.recompute_tokens``). A lever set explicitly that a mode would turn off keeps that mode
+checkpointing, then checkpointing with offload, then offload with each layer recomputed over groups of whole
+rows (``speed.recompute_tokens``; the plan takes the largest group whose estimate fits: half the rows, a third, ...,
+down to one row). A lever set explicitly that a mode would turn off keeps that mode
 out (``speed.lora_fold: true`` rules out checkpointing; ``speed.cuda_graphs: true`` or ``speed.compile_scope:
 model`` rules out offload): an explicit choice is never overridden. When none fits the plan says so, and the run goes
 on with the smallest (a smaller batch or shorter rows is the user's call). An estimate, not a measurement:
@@ -28,12 +29,13 @@ on with the smallest (a smaller batch or shorter rows is the user's call). An es
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 __all__ = ["MODES", "ROWS_TOKENS", "MemoryEstimate", "choose_for_config", "choose_memory_mode", "device_free_bytes",
-           "estimate_memory"]
+           "estimate_memory", "row_group_sizes"]
 
 PER_HIDDEN, PER_INTERMEDIATE = 1.33, 3.05  # activation elements per token and layer (fitted, see above)
 RECOMPUTE = 3.25  # one checkpointed layer's recompute and backward, in multiples of its activations (fitted)
@@ -51,7 +53,8 @@ class MemoryEstimate:
     as_set: float
     checkpointing: float
     offload: float
-    rows: float  # offload, each layer recomputed over groups of rows of ROWS_TOKENS tokens
+    rows: float  # offload, each layer recomputed over groups of rows of ``rows_tokens`` tokens
+    rows_tokens: int = 0  # the "rows" mode's group: tokens a layer recomputes at once (whole rows)
 
     def of(self, mode: str) -> float:
         return {"as set": self.as_set, "checkpointing": self.checkpointing, "offload": self.offload,
@@ -99,10 +102,14 @@ def estimate_memory(model, tokens: int, *, chunk_tokens: int, checkpointing: boo
 
 
 MODES = ("as set", "checkpointing", "offload", "rows")
-ROWS_TOKENS = 4096  # the "rows" mode's groups: GEMMs of 4096 tokens still fill an H200
+ROWS_TOKENS = 4096  # the "rows" mode's group when a caller names none
 _TURNED = {"checkpointing": "gradient checkpointing",
            "offload": "gradient checkpointing + layer inputs in host memory",
-           "rows": f"gradient checkpointing + layer inputs in host memory, recomputed by rows of {ROWS_TOKENS} tokens"}
+           "rows": "gradient checkpointing + layer inputs in host memory, recomputed by rows of {tokens} tokens"}
+
+
+def _turned(mode: str, estimate: MemoryEstimate) -> str:
+    return _TURNED[mode].format(tokens=estimate.rows_tokens or ROWS_TOKENS)
 
 
 def choose_memory_mode(estimate: MemoryEstimate, free: int, kept: dict[str, str] | None = None) -> tuple[str, str]:
@@ -120,19 +127,27 @@ def choose_memory_mode(estimate: MemoryEstimate, free: int, kept: dict[str, str]
             need = f"estimated {estimate.of(mode) / GIB:.1f} GiB of {free / GIB:.1f} GiB free"
             if mode == "as set":
                 return mode, f"{need}: fits as set"
-            return mode, f"{_TURNED[mode]} ({need}; as set: {estimate.as_set / GIB:.1f} GiB)"
+            return mode, f"{_turned(mode, estimate)} ({need}; as set: {estimate.as_set / GIB:.1f} GiB)"
     last = allowed[-1]
     why = next((f"; {name} set explicitly rules out {mode}" for mode, name in kept.items()), "")
     if last == "as set":
         return last, (f"estimated {estimate.as_set / GIB:.1f} GiB of {free / GIB:.1f} GiB free, kept as set{why}: "
                       "lower optim.batch_size or data.max_length")
-    return last, (f"{_TURNED[last]}, still estimated {estimate.of(last) / GIB:.1f} GiB of {free / GIB:.1f} GiB "
+    return last, (f"{_turned(last, estimate)}, still estimated {estimate.of(last) / GIB:.1f} GiB of {free / GIB:.1f} GiB "
                   f"free{why}: lower optim.batch_size or data.max_length")
 
 
-def choose_for_config(cfg, model, free: int) -> tuple[str, str]:
+def row_group_sizes(rows: int) -> list[int]:
+    """Rows per recompute group the "rows" mode can take for a micro-batch of ``rows`` rows, largest first: every
+    ``ceil(rows / groups)`` for 2 groups up to one row each (fewer, larger groups run faster)."""
+    return sorted({-(-rows // groups) for groups in range(2, rows + 1)}, reverse=True)
+
+
+def choose_for_config(cfg, model, free: int) -> tuple[str, str, int]:
     """``choose_memory_mode`` for a run of ``cfg`` (a ``TrainConfig``) on ``model`` with ``free`` bytes: the
-    estimate at ``optim.batch_size`` rows of ``data.max_length`` tokens, and the modes explicit levers keep out."""
+    estimate at ``optim.batch_size`` rows of ``data.max_length`` tokens, and the modes explicit levers keep out.
+    Returns ``(mode, note, tokens)``: ``tokens``, the "rows" mode's group (``speed.recompute_tokens`` when set,
+    else the largest group of whole rows whose estimate fits, else one row)."""
     from nested_learning.speed.chunked_loss import head_blocker
     from nested_learning.speed.offload import has_dropout
 
@@ -143,13 +158,21 @@ def choose_for_config(cfg, model, free: int) -> tuple[str, str]:
         return 1.0 if not tokens or dropout else min(rows, max(1, tokens // width)) / rows
 
     asked = cfg.model.gradient_checkpointing
-    estimate = estimate_memory(model, rows * width, chunk_tokens=sp.loss_chunk_tokens if head_blocker(model) is None
-                               else 0, checkpointing=asked, offload=asked and sp.offload_activations,
-                               recompute_share=share(sp.recompute_tokens), rows_share=share(ROWS_TOKENS))
+    chunk = sp.loss_chunk_tokens if head_blocker(model) is None else 0
+
+    def estimate_at(group_tokens: int) -> MemoryEstimate:
+        est = estimate_memory(model, rows * width, chunk_tokens=chunk, checkpointing=asked,
+                              offload=asked and sp.offload_activations, recompute_share=share(sp.recompute_tokens),
+                              rows_share=share(group_tokens))
+        return dataclasses.replace(est, rows_tokens=group_tokens)
+
+    groups = [sp.recompute_tokens] if sp.recompute_tokens else [n * width for n in row_group_sizes(rows)] or [width]
+    budget = HEADROOM * free
+    estimate = next((e for e in map(estimate_at, groups) if e.rows <= budget), None) or estimate_at(groups[-1])
     chosen, kept = sp.model_fields_set, {}
     if "lora_fold" in chosen and sp.lora_fold:
         kept["checkpointing"] = "speed.lora_fold"
     for lever, value in (("cuda_graphs", True), ("compile_scope", "model")):
         if lever in chosen and getattr(sp, lever) == value and "offload" not in kept:
             kept["offload"] = f"speed.{lever}"
-    return choose_memory_mode(estimate, free, kept)
+    return (*choose_memory_mode(estimate, free, kept), estimate.rows_tokens)

@@ -75,7 +75,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     from nested_learning.speed.chunked_loss import head_blocker
     from nested_learning.speed.compile import decoder_layers
     from nested_learning.speed.lora_groups import unfused_groups
-    from nested_learning.speed.memory import ROWS_TOKENS, choose_for_config, device_free_bytes
+    from nested_learning.speed.memory import choose_for_config, device_free_bytes
     from nested_learning.speed.offload import checkpointable_layers, checkpointed_layers, has_dropout
     from nested_learning.speed.rotary import rotary_modules
     from nested_learning.speed.varlen import varlen_blocker, varlen_kernel
@@ -97,9 +97,9 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
     why = first((not sp.fit_memory, "speed.fit_memory is off"), (not cuda, "CPU"), (fsdp, "distributed.strategy fsdp"),
                 (free is None, "free device memory unknown"),
                 (not checkpointable_layers(model), "no decoder layers that can be checkpointed"))
-    mode = "as set"
+    mode, rows_tokens = "as set", 0
     if why is None:
-        mode, why = choose_for_config(cfg, model, free)
+        mode, why, rows_tokens = choose_for_config(cfg, model, free)
     add("fit_memory", mode != "as set", why)
     ckpt = asked_ckpt or mode != "as set"
     ckpt_name = "model.gradient_checkpointing" if asked_ckpt else "gradient checkpointing (fit_memory)"
@@ -151,7 +151,7 @@ def plan_speed(cfg: TrainConfig, model, device: torch.device, world: int = 1) ->
 
     # Decided before compile: offloaded layers are compiled one by one inside the host checkpoint.
     layers = checkpointed_layers(model) if asked_ckpt else checkpointable_layers(model) if ckpt else 0
-    recompute = ROWS_TOKENS if mode == "rows" and not sp.recompute_tokens else sp.recompute_tokens
+    recompute = rows_tokens if mode == "rows" else sp.recompute_tokens
     offload_why = first((not (sp.offload_activations or mode in ("offload", "rows")),
                          "speed.offload_activations is off"),
                         (not ckpt, "model.gradient_checkpointing is off"),
