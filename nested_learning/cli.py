@@ -183,6 +183,8 @@ def cmd_train(args) -> int:
         overrides.append(f"backend={args.backend}")
     if args.out:
         overrides.append(f"output.dir={args.out}")
+    if args.sweep:
+        return _sweep(args, overrides)
     cfg = load_config(args.config, overrides)
     if args.nproc is not None:
         return _launch_torchrun(args, cfg)
@@ -206,6 +208,34 @@ def cmd_train(args) -> int:
         print(json.dumps({"status": state.status, "step": state.step, "val_loss": state.val_loss,
                           "best_val_loss": state.best_val_loss, "checkpoint": state.last_checkpoint}))
     return 0
+
+
+def _sweep(args, overrides: list[str]) -> int:
+    """``train --sweep KEY=[...]``: every combination in turn in this process (``nested_learning.train.sweep``);
+    one JSON line per run, then a table; ``<output.dir>/sweep.json`` after each run."""
+    from pathlib import Path
+
+    from nested_learning.config import ConfigError
+    from nested_learning.train.sweep import expand_sweep, run_sweep, sweep_table, write_summary
+
+    if args.nproc is not None:
+        raise ConfigError("--sweep runs in this process; --nproc (torchrun) cannot take it: sweep one run at a time")
+    runs = expand_sweep(args.config, overrides, args.sweep)
+    summary = Path(runs[0].config.output.dir).parent / "sweep.json"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    console = _setup_logging(args.quiet)
+    log.info("sweep: %d runs under %s", len(runs), summary.parent)
+    stop = threading.Event()
+
+    def report(run) -> None:
+        print(json.dumps(run.summary()), flush=True)
+        write_summary(runs, summary)
+
+    with _Signals(stop):
+        run_sweep(runs, [_progress_callback(args.quiet, console, runs[0].config.output.log_every)], stop,
+                  args.resume, on_run_end=report)
+    print(sweep_table(runs))
+    return 0 if all(r.status == "completed" for r in runs) else 1
 
 
 def _launch_torchrun(args, cfg) -> int:
@@ -422,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
     t.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel on this machine: launch N ranks through torchrun (one per GPU; gloo on CPU)")
+    t.add_argument("--sweep", action="append", metavar="KEY=[V1,V2,...]",
+                   help="train every combination of these values in turn in one process (start-up paid once), "
+                   "each in <output.dir>/<key=value...>; repeat for a grid, e.g. --sweep optim.lr=[1e-4,3e-4]")
     t.add_argument("--help-config", action="store_true", help="list every config field with its default")
     t.add_argument("--backend", choices=["torch", "mlx"],
                    help="shorthand for --set backend=...: torch (PyTorch + PEFT) or mlx (mlx-lm)")
