@@ -37,6 +37,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--cors-origin", action="append", default=None, dest="cors_origins", metavar="ORIGIN",
                         help="browser origin allowed to call the API, e.g. http://localhost:3000; repeatable; "
                              "`none` turns CORS off (default: any loopback origin)")
+    parser.add_argument("--cold-workers", action="store_true",
+                        help="start every job in a fresh process (default: after a slot's first job, keep a worker "
+                             "that has imported torch and transformers ready for its next job)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser
 
@@ -44,7 +47,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def serve(host: str = "127.0.0.1", port: int = 8000, db: str | None = None, workdir: str | Path = "outputs/service",
           token: str | None = None, data_root: str | Path | list | None = None, max_body: int = 1_000_000,
           gpus: list[str] | None = None, log_level: str = "info", allow_remote_code: bool = False,
-          cors_origins: list[str] | None = None) -> None:
+          cors_origins: list[str] | None = None, warm_workers: bool = True) -> None:
     import uvicorn
 
     from nested_learning.service.app import create_app
@@ -58,7 +61,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, db: str | None = None, work
     roots = data_root if isinstance(data_root, list) else ([data_root] if data_root else [])
     settings = Settings(db=db or str(workdir / "jobs.db"), workdir=workdir, data_roots=[Path(r) for r in roots],
                         token=token, max_body=max_body, gpus=gpus, allow_remote_code=allow_remote_code,
-                        cors_origins=None if cors_origins is None else [o for o in cors_origins if o != "none"])
+                        cors_origins=None if cors_origins is None else [o for o in cors_origins if o != "none"],
+                        warm_workers=warm_workers)
     app = create_app(settings)
     print(f"nested-learning serve: http://{host}:{port}/  store={settings.db}  workdir={workdir}  "
           f"data roots={', '.join(map(str, settings.data_roots))}  auth={'token' if token else 'off'}"
@@ -70,7 +74,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     gpus = None if args.gpus is None else [g for g in args.gpus.split(",") if g.strip()]
     serve(host=args.host, port=args.port, db=args.db, workdir=args.workdir, token=args.token,
           data_root=args.data_roots, max_body=args.max_body, gpus=gpus, log_level=args.log_level,
-          allow_remote_code=args.allow_remote_code, cors_origins=args.cors_origins)
+          allow_remote_code=args.allow_remote_code, cors_origins=args.cors_origins,
+          warm_workers=not args.cold_workers)
     return 0
 
 

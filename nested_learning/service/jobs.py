@@ -34,6 +34,7 @@ class Settings:
     poll_s: float = 0.5
     allow_remote_code: bool = False  # `trust_remote_code` in a job or an adapter's config needs this
     cors_origins: list[str] | None = None  # browser origins allowed to call the API; None: loopback ones
+    warm_workers: bool = True  # keep an imported spare worker per slot for its next job (scheduler.py)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).expanduser().resolve()
@@ -184,7 +185,8 @@ class JobService:
         self.settings = settings
         self.store = open_store(settings.db)
         self.policy = PathPolicy(settings.data_roots)
-        self.scheduler = Scheduler(self.store, settings.workdir, gpus=settings.gpus, poll_s=settings.poll_s)
+        self.scheduler = Scheduler(self.store, settings.workdir, gpus=settings.gpus, poll_s=settings.poll_s,
+                                   warm=settings.warm_workers)
         self.views = JobViews(self.store)
 
     def start(self) -> None:

@@ -8,6 +8,11 @@ died without a word (a crash, SIGKILL, the OOM killer): the job becomes ``failed
 
 On start, ``recover()`` looks at every job the store says is running: a worker still alive (the server
 restarted under it) is watched by its pid until it exits; a job whose worker is gone becomes ``interrupted``.
+
+With ``warm`` (the service's default), once a slot has started a one-device job it keeps a spare worker
+(``worker --spare``) that has already imported torch, transformers and the trainer; the slot's next job is handed
+to it, so a stream of short jobs pays the imports once per slot, not once per job. A spare that died before its
+job arrived turns warm workers off for that slot (the job starts cold, as every job does without ``warm``).
 """
 
 from __future__ import annotations
@@ -54,8 +59,19 @@ def worker_alive(pid: int | None, job_id: str) -> bool:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             return False
-        return b"nested_learning.service.worker" in args and job_id.encode() in args
+        if b"nested_learning.service.worker" not in args:
+            return False
+        if job_id.encode() in args:
+            return True
+        return b"--spare" in args and _comm(pid) == job_id[:15]  # a spare names itself after its job
     return True
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
 
 
 def describe_exit(code: int | None) -> str:
@@ -83,6 +99,10 @@ def job_devices(job: dict) -> int:
     return int(job.get("devices") or 1)
 
 
+def spare_command(db_url: str) -> list[str]:
+    return [sys.executable, "-m", "nested_learning.service.worker", "--spare", "--db", db_url]
+
+
 def worker_command(job: dict, db_url: str) -> list[str]:
     """The worker's command line: the worker module itself, or torchrun starting one per device. torchrun's
     own command line names the worker module and the job id too, so ``worker_alive`` recognises it."""
@@ -104,7 +124,7 @@ class _Run:
 
 class Scheduler:
     def __init__(self, store, workdir: Path, gpus: list[str] | None = None, poll_s: float = 0.5,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, warm: bool = False):
         self.store = store
         self.workdir = Path(workdir)
         self.gpus = detect_gpus() if gpus is None else list(gpus)
@@ -112,6 +132,9 @@ class Scheduler:
         self.poll_s = poll_s
         self.env = env
         self.runs: dict[str, _Run] = {}
+        self.warm = warm
+        self.spares: dict[str, subprocess.Popen] = {}  # slot -> its warm worker, waiting for a job
+        self.cold_slots: set[str] = set()  # slots whose spare died before a job reached it
         self._wake = threading.Event()
         self._halt = threading.Event()
         self._lock = threading.Lock()
@@ -129,6 +152,7 @@ class Scheduler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._end_spares()
         if signal_workers:
             with self._lock:
                 for run in self.runs.values():
@@ -225,24 +249,31 @@ class Scheduler:
             self._spawn(job, slots)
             mlx_running = mlx_running or is_mlx_job(job)
 
-    def _spawn(self, job: dict, slots: tuple[str, ...]) -> None:
-        log_dir = self.workdir / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"{job['id']}.log"
+    def _env(self, slots: tuple[str, ...]) -> dict[str, str]:
         env = dict(os.environ if self.env is None else self.env)
         env["CUDA_VISIBLE_DEVICES"] = "" if slots == ("cpu",) else ",".join(slots)
         env.setdefault("PYTHONUNBUFFERED", "1")
         # Ranks are torchrun's children, not ours: they watch this pid to notice the server going away.
         env["NL_SERVICE_PID"] = str(os.getpid())
-        cmd = worker_command(job, self.store.url)
+        return env
+
+    def _spawn(self, job: dict, slots: tuple[str, ...]) -> None:
+        log_dir = self.workdir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{job['id']}.log"
         slot = ",".join(slots)
+        one = self.warm and len(slots) == 1 and job_devices(job) == 1
         try:
             with open(log_path, "ab") as log:
                 log.write(f"=== run {job['runs'] + 1} on {slot} at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
                 log.flush()
-                # Own session: a Ctrl-C at the server's terminal reaches the server, which then stops workers cleanly.
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, cwd=str(self.workdir), start_new_session=True)
+                proc = self._hand_to_spare(job["id"], slot, log_path) if one else None
+                if proc is None:
+                    # Own session: a Ctrl-C at the server's terminal reaches the server, which then stops workers
+                    # cleanly.
+                    proc = subprocess.Popen(worker_command(job, self.store.url), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=self._env(slots), cwd=str(self.workdir),
+                                            start_new_session=True)
         except OSError as exc:
             self.store.transition(job["id"], ["running"], "failed", error=f"could not start worker: {exc}",
                                   ended_at=time.time())
@@ -250,3 +281,47 @@ class Scheduler:
         with self._lock:
             self.runs[job["id"]] = _Run(job["id"], slots, proc.pid, proc, is_mlx_job(job))
         self.store.update(job["id"], worker_pid=proc.pid, log_path=str(log_path))
+        if one:
+            self._start_spare(slot)  # warm for this slot's next job
+
+    # ---- warm workers -------------------------------------------------------------------------------------
+    def _start_spare(self, slot: str) -> None:
+        if self._halt.is_set() or slot in self.cold_slots or slot in self.spares:
+            return
+        log_path = self.workdir / "logs" / f"spare-{slot}.log"
+        try:
+            with open(log_path, "ab") as log:
+                self.spares[slot] = subprocess.Popen(spare_command(self.store.url), stdin=subprocess.PIPE,
+                                                     stdout=log, stderr=subprocess.STDOUT, env=self._env((slot,)),
+                                                     cwd=str(self.workdir), start_new_session=True)
+        except OSError as exc:
+            print(f"[scheduler] no warm worker for slot {slot}: {exc}", file=sys.stderr, flush=True)
+            self.cold_slots.add(slot)
+
+    def _hand_to_spare(self, job_id: str, slot: str, log_path: Path) -> subprocess.Popen | None:
+        """The slot's spare, now running ``job_id``; None when there is none to take it (start cold then)."""
+        spare = self.spares.pop(slot, None)
+        if spare is None:
+            return None
+        if spare.poll() is not None:
+            self.cold_slots.add(slot)  # it died waiting (see its log): no more spares for this slot
+            print(f"[scheduler] the warm worker of slot {slot} exited ({describe_exit(spare.returncode)}); "
+                  f"jobs on it start cold", file=sys.stderr, flush=True)
+            return None
+        try:
+            spare.stdin.write((json.dumps({"job": job_id, "log": str(log_path)}) + "\n").encode())
+            spare.stdin.close()
+        except OSError:  # it died just now
+            self.cold_slots.add(slot)
+            return None
+        return spare
+
+    def _end_spares(self) -> None:
+        """Spares waiting for a job read end of input and exit; ones still importing are terminated."""
+        for slot, spare in list(self.spares.items()):
+            self.spares.pop(slot, None)
+            try:
+                spare.stdin.close()
+                spare.terminate()
+            except OSError:
+                pass

@@ -18,6 +18,13 @@ pid ``NL_SERVICE_PID`` names: torchrun, not the server, is a rank's parent); the
 the end of a step. A rank that fails records ``failed`` with its rank and error first (the others then fail in a
 collective, and torchrun ends them all); torchrun passes the server's SIGTERM on to every rank.
 ``NL_WORKER_STEP_DELAY`` (seconds) slows every step down, for demos and tests that must catch a job mid-run.
+
+``--spare``: a warm worker for one slot (``python -m nested_learning.service.worker --spare --db URL``, started
+with that slot's ``CUDA_VISIBLE_DEVICES``). It imports what a job needs (torch, transformers, PEFT, the trainer;
+CUDA stays uninitialised) and waits on stdin for the scheduler's one line, ``{"job": ID, "log": PATH}``; then it
+writes to the job's log, names itself after the job (``/proc/self/comm``, which ``worker_alive`` reads) and runs
+the job as above. End of input before a job (the server went away) ends it. A job it runs starts its first
+step without the import time (seconds on a GPU machine).
 """
 
 from __future__ import annotations
@@ -202,12 +209,58 @@ def run_job(db: str, job_id: str) -> int:
     return 0
 
 
+def _warm_imports() -> None:
+    """What every job imports before its first step; none of it initialises CUDA."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import nested_learning.train.loop  # noqa: F401
+    import nested_learning.train.setup  # noqa: F401
+
+
+def name_process(job_id: str) -> bool:
+    """Call this process by ``job_id`` in ``/proc/<pid>/comm`` (Linux; 15 characters at most)."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(job_id[:15])
+        return True
+    except OSError:
+        return False
+
+
+def run_spare(db: str) -> int:
+    """``--spare``: import, wait for a job on stdin, run it (see the module docstring)."""
+    _warm_imports()
+    print(f"[worker] spare pid {os.getpid()} warm, waiting for a job", flush=True)
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0  # the server went away (or shut down) before handing us a job
+    try:
+        order = json.loads(line)
+        job_id, log = str(order["job"]), str(order["log"])
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"[worker] spare: unreadable hand-off {line!r}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    name_process(job_id)
+    return run_job(db, job_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nested_learning.service.worker")
-    parser.add_argument("job_id")
+    parser.add_argument("job_id", nargs="?")
     parser.add_argument("--db", required=True, help="store URL or SQLite path")
+    parser.add_argument("--spare", action="store_true", help="import first, then take a job id from stdin")
     args = parser.parse_args(argv)
-    return run_job(args.db, args.job_id)
+    if args.spare == bool(args.job_id):
+        parser.error("give a job id or --spare (not both)")
+    return run_spare(args.db) if args.spare else run_job(args.db, args.job_id)
 
 
 if __name__ == "__main__":
