@@ -112,3 +112,23 @@ def test_a_run_in_a_sweep_trains_what_it_trains_alone(tmp_path, capsys):
     assert summary["runs"][1]["best_val_loss"] == reports[1]["best_val_loss"]
     assert main([*argv, "--nproc", "2"]) == 2
     assert "--sweep runs in this process; --nproc (torchrun) cannot take it" in capsys.readouterr().err
+
+
+def test_a_stopped_sweep_resumes_where_it_stopped(tmp_path):
+    """A stop at step 3 of the first run leaves it ``stopped`` and the second ``pending``; the same sweep again
+    with ``resume="auto"`` finishes the first from its checkpoint (its losses as a run never stopped: the trainer
+    resumes bit-exact) and trains the second."""
+    import threading
+
+    from conftest import Recorder
+
+    data = write_data(tmp_path / "data")
+    args = _micro_args(data, tmp_path / "sweep")
+    axes = ["optim.lr=[1.0e-2, 3.0e-3]"]
+    stop = threading.Event()
+    runs = run_sweep(expand_sweep(None, args, axes), [Recorder(stop_at=3, stop_event=stop)], stop)
+    assert [(r.status, r.step) for r in runs] == [("stopped", 3), ("pending", 0)]
+    again = run_sweep(expand_sweep(None, args, axes), resume="auto")
+    assert [(r.status, r.step) for r in again] == [("completed", 6), ("completed", 6)]
+    straight = run_sweep(expand_sweep(None, _micro_args(data, tmp_path / "straight"), ["optim.lr=[1.0e-2]"]))
+    assert again[0].val_loss == straight[0].val_loss and again[0].best_val_loss == straight[0].best_val_loss
