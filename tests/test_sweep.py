@@ -132,3 +132,29 @@ def test_a_stopped_sweep_resumes_where_it_stopped(tmp_path):
     assert [(r.status, r.step) for r in again] == [("completed", 6), ("completed", 6)]
     straight = run_sweep(expand_sweep(None, _micro_args(data, tmp_path / "straight"), ["optim.lr=[1.0e-2]"]))
     assert again[0].val_loss == straight[0].val_loss and again[0].best_val_loss == straight[0].best_val_loss
+
+
+def test_a_finished_run_s_model_is_let_go_before_the_next(tmp_path):
+    """Nothing keeps a finished run's model alive (callbacks, logging, caches): on a GPU its memory is free for the
+    next run of the sweep."""
+    import gc
+    import weakref
+
+    from nested_learning.train.loop import train_loop
+    from nested_learning.train.setup import build_run
+
+    data = write_data(tmp_path / "data")
+    models = []
+
+    def train(cfg, callbacks, stop_event, resume):
+        run = build_run(cfg, resume)
+        models.append(weakref.ref(run.model))
+        return train_loop(run, callbacks, stop_event)
+
+    def check(run):
+        gc.collect()
+        assert all(ref() is None for ref in models), f"a model outlived its run ({run.name})"
+
+    runs = expand_sweep(None, _micro_args(data, tmp_path / "sweep"), ["optim.lr=[1.0e-2, 3.0e-3]"])
+    run_sweep(runs, train=train, on_run_end=check)
+    assert len(models) == 2 and [r.status for r in runs] == ["completed", "completed"]
