@@ -210,9 +210,11 @@ def run_job(db: str, job_id: str) -> int:
 
 
 def _warm_imports() -> None:
-    """What every job imports before its first step; none of it initialises CUDA."""
+    """What every job imports before its first step (torch.compile's inductor too: a CUDA job compiles); none of it
+    initialises CUDA."""
     import peft  # noqa: F401
     import torch  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import nested_learning.train.loop  # noqa: F401
