@@ -220,6 +220,9 @@ def _sweep(args, overrides: list[str]) -> int:
 
     if args.nproc is not None:
         raise ConfigError("--sweep runs in this process; --nproc (torchrun) cannot take it: sweep one run at a time")
+    if args.resume not in (None, "auto"):
+        raise ConfigError(f"--resume {args.resume} with --sweep: every run resumes from its own directory; use "
+                          "--resume auto")
     runs = expand_sweep(args.config, overrides, args.sweep)
     summary = Path(runs[0].config.output.dir).parent / "sweep.json"
     summary.parent.mkdir(parents=True, exist_ok=True)

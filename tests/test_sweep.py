@@ -112,6 +112,8 @@ def test_a_run_in_a_sweep_trains_what_it_trains_alone(tmp_path, capsys):
     assert summary["runs"][1]["best_val_loss"] == reports[1]["best_val_loss"]
     assert main([*argv, "--nproc", "2"]) == 2
     assert "--sweep runs in this process; --nproc (torchrun) cannot take it" in capsys.readouterr().err
+    assert main([*argv, "--resume", str(out / "lr=0.01" / "checkpoints" / "last")]) == 2
+    assert "every run resumes from its own directory; use --resume auto" in capsys.readouterr().err
 
 
 def test_a_stopped_sweep_resumes_where_it_stopped(tmp_path):
