@@ -323,5 +323,6 @@ class Scheduler:
             try:
                 spare.stdin.close()
                 spare.terminate()
-            except OSError:
-                pass
+                spare.wait(timeout=5)  # no handlers yet: SIGTERM ends it at once
+            except (OSError, subprocess.TimeoutExpired):
+                spare.kill()
