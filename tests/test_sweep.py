@@ -35,6 +35,11 @@ def test_the_grid_its_names_and_directories(tmp_path):
     assert all(r.status == "pending" for r in runs)
     one = expand_sweep(None, [], ["model.name_or_path=[embedded:micro-llama]"])
     assert [r.name for r in one] == ["name_or_path=embedded-micro-llama"]
+    # Strings YAML would read as something else go through quoted: each run gets exactly the listed value.
+    odd = expand_sweep(None, [], ['model.revision=["a: b", "true", "[1]", main]'])
+    assert [r.config.model.revision for r in odd] == ["a: b", "true", "[1]", "main"]
+    assert [r.overrides[0] for r in odd] == ['model.revision="a: b"', 'model.revision="true"',
+                                             'model.revision="[1]"', "model.revision=main"]
 
 
 @pytest.mark.parametrize("axes, message", [

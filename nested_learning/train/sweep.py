@@ -65,8 +65,15 @@ def _parse_axis(item: str) -> tuple[str, list[Any]]:
 
 
 def _flow(value: Any) -> str:
-    """``value`` as a one-line YAML flow scalar or collection (what ``--set`` reads back)."""
-    return json.dumps(value) if not isinstance(value, str) else value
+    """``value`` as ``--set`` reads it back: a string as it is where YAML keeps it a string (``1e-4``,
+    ``data/a``), else JSON (``"a: b"``, ``"true"``, numbers, lists: JSON is YAML)."""
+    if isinstance(value, str):
+        try:
+            if load_yaml(value, "--sweep") == value:
+                return value
+        except ConfigError:
+            pass
+    return json.dumps(value)
 
 
 def _slug(key: str, value: Any) -> str:
