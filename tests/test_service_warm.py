@@ -115,3 +115,17 @@ def test_a_spare_that_died_leaves_its_slot_cold(scheduler, tmp_path):
     assert _wait(lambda: _ended(store, second), "the second job")["status"] == "completed"
     assert store.get_job(second)["worker_pid"] != spare.pid
     assert sched.cold_slots == {"cpu"} and not sched.spares  # no spare restarted for that slot
+
+
+def test_warm_workers_default_to_gpu_servers(tmp_path):
+    store = open_store(str(tmp_path / "jobs.db"))
+    assert Scheduler(store, tmp_path, gpus=["0", "1"], warm=None).warm
+    assert not Scheduler(store, tmp_path, gpus=[], warm=None).warm  # the CPU: a spare's imports slow the job
+    assert Scheduler(store, tmp_path, gpus=[], warm=True).warm and not Scheduler(store, tmp_path, gpus=["0"]).warm
+    import argparse
+
+    from nested_learning.service import add_serve_arguments
+
+    parse = add_serve_arguments(argparse.ArgumentParser()).parse_args
+    assert parse([]).warm_workers is None and parse(["--warm-workers"]).warm_workers is True
+    assert parse(["--cold-workers"]).warm_workers is False

@@ -37,9 +37,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--cors-origin", action="append", default=None, dest="cors_origins", metavar="ORIGIN",
                         help="browser origin allowed to call the API, e.g. http://localhost:3000; repeatable; "
                              "`none` turns CORS off (default: any loopback origin)")
-    parser.add_argument("--cold-workers", action="store_true",
-                        help="start every job in a fresh process (default: after a slot's first job, keep a worker "
-                             "that has imported torch and transformers ready for its next job)")
+    warm = parser.add_mutually_exclusive_group()
+    warm.add_argument("--warm-workers", action="store_const", const=True, dest="warm_workers",
+                      help="after a slot's first job, keep a worker that has imported torch and transformers ready "
+                           "for its next job (default on GPU slots; on a CPU-only server its imports take cores "
+                           "from the running job)")
+    warm.add_argument("--cold-workers", action="store_const", const=False, dest="warm_workers",
+                      help="start every job in a fresh process")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser
 
@@ -47,7 +51,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def serve(host: str = "127.0.0.1", port: int = 8000, db: str | None = None, workdir: str | Path = "outputs/service",
           token: str | None = None, data_root: str | Path | list | None = None, max_body: int = 1_000_000,
           gpus: list[str] | None = None, log_level: str = "info", allow_remote_code: bool = False,
-          cors_origins: list[str] | None = None, warm_workers: bool = True) -> None:
+          cors_origins: list[str] | None = None, warm_workers: bool | None = None) -> None:
     import uvicorn
 
     from nested_learning.service.app import create_app
@@ -75,7 +79,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     serve(host=args.host, port=args.port, db=args.db, workdir=args.workdir, token=args.token,
           data_root=args.data_roots, max_body=args.max_body, gpus=gpus, log_level=args.log_level,
           allow_remote_code=args.allow_remote_code, cors_origins=args.cors_origins,
-          warm_workers=not args.cold_workers)
+          warm_workers=args.warm_workers)
     return 0
 
 

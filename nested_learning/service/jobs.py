@@ -34,7 +34,7 @@ class Settings:
     poll_s: float = 0.5
     allow_remote_code: bool = False  # `trust_remote_code` in a job or an adapter's config needs this
     cors_origins: list[str] | None = None  # browser origins allowed to call the API; None: loopback ones
-    warm_workers: bool = True  # keep an imported spare worker per slot for its next job (scheduler.py)
+    warm_workers: bool | None = None  # a spare worker per slot for its next job (scheduler.py); None: on GPUs
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).expanduser().resolve()

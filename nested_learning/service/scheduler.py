@@ -9,7 +9,7 @@ died without a word (a crash, SIGKILL, the OOM killer): the job becomes ``failed
 On start, ``recover()`` looks at every job the store says is running: a worker still alive (the server
 restarted under it) is watched by its pid until it exits; a job whose worker is gone becomes ``interrupted``.
 
-With ``warm`` (the service's default), once a slot has started a one-device job it keeps a spare worker
+With ``warm`` (the service's default on GPUs), once a slot has started a one-device job it keeps a spare worker
 (``worker --spare``) that has already imported torch, transformers and the trainer; the slot's next job is handed
 to it, so a stream of short jobs pays the imports once per slot, not once per job. A spare that died before its
 job arrived turns warm workers off for that slot (the job starts cold, as every job does without ``warm``).
@@ -124,7 +124,7 @@ class _Run:
 
 class Scheduler:
     def __init__(self, store, workdir: Path, gpus: list[str] | None = None, poll_s: float = 0.5,
-                 env: dict[str, str] | None = None, warm: bool = False):
+                 env: dict[str, str] | None = None, warm: bool | None = False):
         self.store = store
         self.workdir = Path(workdir)
         self.gpus = detect_gpus() if gpus is None else list(gpus)
@@ -132,7 +132,8 @@ class Scheduler:
         self.poll_s = poll_s
         self.env = env
         self.runs: dict[str, _Run] = {}
-        self.warm = warm
+        # None: warm on GPU slots only (a spare's imports take CPU cores from a job training on the CPU).
+        self.warm = bool(self.gpus) if warm is None else warm
         self.spares: dict[str, subprocess.Popen] = {}  # slot -> its warm worker, waiting for a job
         self.cold_slots: set[str] = set()  # slots whose spare died before a job reached it
         self._wake = threading.Event()
