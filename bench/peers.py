@@ -319,9 +319,12 @@ def main() -> None:
                     help="tokens per row instead of the shape's own (results are labelled @bBxT); with --fit-seq, "
                          "the first length tried")
     ap.add_argument("--fit-seq", action="store_true",
-                    help="search the longest row that fits at batch 1, per variant (fixed rows; doubling from the "
-                         "shape's length or --seq-len, then bisecting to --seq-step tokens)")
+                    help="search the longest row that fits at batch 1, per variant (fixed rows; growing by --seq-grow "
+                         "from the shape's length or --seq-len, then bisecting to --seq-step tokens)")
     ap.add_argument("--seq-step", type=int, default=1024, help="resolution of a --fit-seq search (tokens)")
+    ap.add_argument("--seq-grow", type=float, default=2.0,
+                    help="factor a --fit-seq search grows (or shrinks) by until it brackets; e.g. 1.15 from an "
+                         "estimated length")
     ap.add_argument("--fit-tries", type=int, default=None,
                     help="runs per variant in a --fit search (default 3) or a --fit-seq search (default 6)")
     ap.add_argument("--worker-log", type=int, default=0, metavar="CHARS",

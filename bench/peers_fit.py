@@ -57,11 +57,12 @@ def fit_table(searches: list[dict]) -> str:
 
 
 def search_longest(fits: Callable[[int], bool], start: int, tries: int = 6,
-                   step: int = 1024) -> tuple[int | None, int | None]:
+                   step: int = 1024, grow: float = 2.0) -> tuple[int | None, int | None]:
     """``(longest row seen to fit, shortest seen to fail)`` after at most ``tries`` calls of ``fits``.
 
-    From ``start``: double while every row fits, halve while none does, then bisect on multiples of ``step``
-    until the bracket is ``step`` wide. ``fits`` raises for anything other than running out of memory."""
+    From ``start``: grow by ``grow`` (rounded up to ``step``) while every row fits, shrink by it while none does,
+    then bisect on multiples of ``step`` until the bracket is ``step`` wide. ``grow`` below 2 brackets tightly
+    from a good estimate in few tries. ``fits`` raises for anything other than running out of memory."""
     lo = hi = None
     n = max(1, start)
     for _ in range(tries):
@@ -70,9 +71,9 @@ def search_longest(fits: Callable[[int], bool], start: int, tries: int = 6,
         else:
             hi = n
         if hi is None:
-            n = lo * 2
+            n = max(lo + step, math.ceil(lo * grow / step) * step)
         elif lo is None:
-            n = max(step, hi // 2 // step * step)
+            n = max(step, int(hi / grow) // step * step)
             if n >= hi:  # cannot go below one step
                 break
         else:

@@ -83,7 +83,7 @@ def search_all(args, results: list, launch, peak: float) -> None:
 
 def search_seq_all(args, launch, peak: float) -> None:
     """``--fit-seq``: per shape and variant, the longest row that fits at batch 1 (fixed rows, 1 + 2 steps per
-    try, each a fresh process): doubling from ``--seq-len`` (or the shape's length) until a row runs out of
+    try, each a fresh process): growing by ``--seq-grow`` (2: doubling) from ``--seq-len`` (or the shape's length) until a row runs out of
     memory, then bisecting to ``--seq-step`` tokens. Kept in the ``--json`` file under ``fit_seq_search``;
     searches of other shapes and labels already there stay."""
     shapes, variants, labels, searches = searched_before(args, "fit_seq_search")
@@ -96,7 +96,8 @@ def search_seq_all(args, launch, peak: float) -> None:
                                batch=1, warmup=1, steps=2, label=True, seq=seq)
 
             try:
-                search_longest(fits, args.seq_len or SHAPES[shape][3], tries=args.fit_tries, step=args.seq_step)
+                search_longest(fits, args.seq_len or SHAPES[shape][3], tries=args.fit_tries, step=args.seq_step,
+                               grow=args.seq_grow)
             except RuntimeError as e:  # not out of memory: the tries so far still bracket what they can
                 print("   ", e, flush=True)
             searches.append(dict(shape=shape, variant=labels[variant], **bracket(tries, "seq")))

@@ -102,17 +102,20 @@ def test_a_probe_that_runs_out_of_memory_is_an_upper_bound(tmp_path):
     assert (got["fit"], got["oom"]) == (1, 2)
 
 
-@pytest.mark.parametrize("limit,start,tries,want,want_tried", [
-    (40000, 16384, 6, (36864, 40960), [16384, 32768, 65536, 49152, 40960, 36864]),  # double, then bisect
-    (5000, 16384, 6, (4096, 5120), [16384, 8192, 4096, 6144, 5120]),                # halve, then bisect
-    (100, 4096, 6, (None, 1024), [4096, 2048, 1024]),                               # not even one step fits
-    (9000, 8192, 6, (8192, 9216), [8192, 16384, 12288, 10240, 9216]),               # stops one step wide
+@pytest.mark.parametrize("limit,start,tries,want,want_tried,grow", [
+    (40000, 16384, 6, (36864, 40960), [16384, 32768, 65536, 49152, 40960, 36864], 2.0),  # double, then bisect
+    (5000, 16384, 6, (4096, 5120), [16384, 8192, 4096, 6144, 5120], 2.0),                # halve, then bisect
+    (100, 4096, 6, (None, 1024), [4096, 2048, 1024], 2.0),                               # not even one step fits
+    (9000, 8192, 6, (8192, 9216), [8192, 16384, 12288, 10240, 9216], 2.0),               # stops one step wide
+    (50000, 44032, 2, (44032, 51200), [44032, 51200], 1.15),         # from an estimate: +15% (to a step)
+    (40000, 44032, 2, (37888, 44032), [44032, 37888], 1.15),         # ... or -15% brackets it
+    (39000, 44032, 3, (37888, 40960), [44032, 37888, 40960], 1.15),  # ... then bisects
 ])
-def test_longest_row_search_doubles_then_bisects_on_steps(limit, start, tries, want, want_tried):
+def test_longest_row_search_doubles_then_bisects_on_steps(limit, start, tries, want, want_tried, grow):
     from peers_fit import search_longest
 
     fits, tried = card(limit)
-    assert search_longest(fits, start, tries=tries, step=1024) == want
+    assert search_longest(fits, start, tries=tries, step=1024, grow=grow) == want
     assert tried == want_tried
 
 
@@ -131,7 +134,7 @@ def test_seq_driver_tries_batch_one_rows_and_keeps_the_batch_search(tmp_path):
         return {"process_s": 1.0, "peak_gib": seq / 100, "real_tokens_per_s": 1000.0}
 
     args = argparse.Namespace(shapes="smoke", variants="ours,ours_check", tag="", seq_len=None, fit_tries=6,
-                              seq_step=32, json=str(tmp_path / "fit.json"))
+                              seq_step=32, seq_grow=2.0, json=str(tmp_path / "fit.json"))
     peers.search_seq_all(args, launch, float("nan"))
     saved = json.loads((tmp_path / "fit.json").read_text())
     assert calls == [("ours", 1, 64), ("ours", 1, 128), ("ours", 1, 256), ("ours", 1, 192), ("ours", 1, 224)]
