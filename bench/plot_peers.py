@@ -1,11 +1,13 @@
 """Chart of bench/peers.py results: real tokens/s and peak memory per variant, one panel pair per shape/data, and
 the largest batch that fit where the file holds a ``--fit`` search. Reads a ``--json`` file (``runs``) or a file of
 several device calls (``calls``, each with its ``runs``); runs at a ``--batch`` size (``variant@bN``) are left out.
-Several files are read as the calls of one: each named by its file name.
+Several files are read as the calls of one: each named by its file name. ``--floor FILE`` (``bench/step_floor.py
+--json``) draws each shape's floor as a dashed line on its tokens/s panel: the rate of its products and attention
+alone, which no trainer computing the same numbers can pass.
 
     python bench/plot_peers.py docs/peers.json docs/peers.png
-    python bench/plot_peers.py docs/peers-unsloth-qwen.json docs/peers-unsloth.json docs/peers-offload.json \
-        docs/peers-unsloth.png
+    python bench/plot_peers.py --floor docs/step-floor.json docs/peers-unsloth-qwen.json docs/peers-unsloth.json \
+        docs/peers-offload.json docs/peers-unsloth.png
 """
 
 from __future__ import annotations
@@ -63,7 +65,16 @@ def bars(ax, rows, values, xlabel):
     ax.invert_yaxis()
 
 
-def main(src: str | list[str], dst: str) -> None:
+def floor_rate(floors: list[dict], shape: str, batch: int, seq: int) -> float | None:
+    """Tokens/s at the floor ``bench/step_floor.py`` measured for this shape at this batch and row length."""
+    for f in floors:
+        if (f["shape"], f["batch"], f["seq"]) == (shape, batch, seq):
+            return batch * seq / (f["floor_ms"] / 1e3)
+    return None
+
+
+def main(src: str | list[str], dst: str, floors: list[dict] | None = None):
+    """Draw the chart of ``src`` into ``dst``; returns the figure."""
     runs, fits = load(src)
     groups = sorted({(r["shape"], r["data"]) for r in runs})
     groups += [(shape, "fixed") for shape in sorted({f["shape"] for f in fits}) if (shape, "fixed") not in groups]
@@ -77,6 +88,11 @@ def main(src: str | list[str], dst: str) -> None:
         if rows:
             axes[0][col].set_title(f"{shape}, {data} (b{rows[0]['batch']}x{rows[0]['seq']})", fontsize=10)
             bars(axes[0][col], rows, [r["real_tokens_per_s"] / 1e3 for r in rows], "real tokens/s (thousands)")
+            rate = floor_rate(floors or [], shape, rows[0]["batch"], rows[0]["seq"]) if data == "fixed" else None
+            if rate:
+                axes[0][col].axvline(rate / 1e3, color="black", linestyle="--", linewidth=1)
+                axes[0][col].annotate("floor", (rate / 1e3, 1.0), xycoords=("data", "axes fraction"),
+                                      ha="right", va="bottom", fontsize=8)
             bars(axes[1][col], rows, [r.get("peak_gib") or 0 for r in rows], "peak GiB (max_memory_allocated)")
         else:
             axes[0][col].set_title(shape, fontsize=10)
@@ -92,8 +108,13 @@ def main(src: str | list[str], dst: str) -> None:
                 axes[2][col].axis("off")
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
+    return fig
 
 
 if __name__ == "__main__":
-    sources = sys.argv[1:-1]
-    main(sources[0] if len(sources) == 1 else sources, sys.argv[-1])
+    argv, floor_file = sys.argv[1:], None
+    if argv[:1] == ["--floor"]:
+        floor_file, argv = argv[1], argv[2:]
+    sources = argv[:-1]
+    main(sources[0] if len(sources) == 1 else sources, argv[-1],
+         json.loads(Path(floor_file).read_text()) if floor_file else None)

@@ -34,3 +34,21 @@ def test_floor_refuses_to_run_without_cuda(monkeypatch):
     monkeypatch.setattr(step_floor.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device"):
         step_floor.main(["--shapes", "llama1b"])
+
+
+def test_chart_draws_the_floor_where_batch_and_length_match(tmp_path):
+    import json
+
+    import plot_peers
+
+    run = dict(shape="llama1b", data="fixed", variant="ours", batch=8, seq=2048, real_tokens_per_s=85_000.0,
+               peak_gib=16.5)
+    (tmp_path / "d.json").write_text(json.dumps({"runs": [run, dict(run, variant="peer_unsloth")]}))
+    floors = [dict(shape="llama1b", batch=8, seq=2048, floor_ms=128.0), dict(shape="llama1b", batch=1, seq=2048,
+                                                                             floor_ms=1.0)]
+    assert plot_peers.floor_rate(floors, "llama1b", 8, 2048) == 8 * 2048 / 0.128
+    assert plot_peers.floor_rate(floors, "llama8b", 8, 2048) is None
+    fig = plot_peers.main(str(tmp_path / "d.json"), str(tmp_path / "c.png"), floors)
+    assert [line.get_xdata()[0] for line in fig.axes[0].lines] == [8 * 2048 / 0.128 / 1e3]
+    assert not fig.axes[1].lines  # the memory panel has no floor
+    assert (tmp_path / "c.png").stat().st_size > 0
