@@ -37,9 +37,9 @@ def _samples(lengths, seed=0):
     return out
 
 
-def _pair(arch="llama"):
+def _pair(arch="llama", layers: int = 2):
     """The same LoRA model twice: transformers' sdpa, and switched to CAUSAL_SDPA."""
-    ref, ours = tiny(arch, dtype=torch.float32), tiny(arch, dtype=torch.float32)
+    ref, ours = tiny(arch, dtype=torch.float32, layers=layers), tiny(arch, dtype=torch.float32, layers=layers)
     ours.load_state_dict(ref.state_dict())
     assert use_causal_sdpa(ours)
     assert ours.get_base_model().config._attn_implementation == CAUSAL_SDPA

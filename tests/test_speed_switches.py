@@ -183,7 +183,7 @@ def _saved_bytes_and_grads(budget: float):
     """Compile a tiny LoRA decoder (inductor, CPU) under ``budget``; bytes saved for backward and the grads."""
     torch._dynamo.reset()
     set_activation_memory_budget(budget)
-    model = tiny("llama", dtype=torch.float32)
+    model = tiny("llama", dtype=torch.float32, layers=1)  # the partitioner's choice is per layer
     decoder = model.get_base_model().model
     decoder.compile()
     ids = torch.randint(0, 211, (2, 64), generator=torch.Generator().manual_seed(0))
