@@ -91,7 +91,7 @@ def main(src: str | list[str], dst: str, floors: list[dict] | None = None):
             rate = floor_rate(floors or [], shape, rows[0]["batch"], rows[0]["seq"]) if data == "fixed" else None
             if rate:
                 axes[0][col].axvline(rate / 1e3, color="black", linestyle="--", linewidth=1)
-                axes[0][col].annotate("floor", (rate / 1e3, 1.0), xycoords=("data", "axes fraction"),
+                axes[0][col].annotate("floor ", (rate / 1e3, 0.01), xycoords=("data", "axes fraction"),
                                       ha="right", va="bottom", fontsize=8)
             bars(axes[1][col], rows, [r.get("peak_gib") or 0 for r in rows], "peak GiB (max_memory_allocated)")
         else:
