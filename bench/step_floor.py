@@ -87,15 +87,14 @@ def time_attention(cfg, batch: int, seq: int, layers: int) -> tuple[float, str]:
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    shape = (batch, hq, seq, hd)
+    shape = (batch, cfg.num_attention_heads, seq, hd)  # K/V expanded to every query head: the same FLOPs
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     best = (float("inf"), "none")
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         def step(backend=backend):
             with sdpa_kernel([backend]):
-                for _ in range(layers):  # K/V expanded to hq heads: same FLOPs as grouped heads
+                for _ in range(layers):
                     torch.autograd.grad(sdpa(q, k, v, is_causal=True), (q, k, v), grad)
         try:
             ms = timed(step)
@@ -103,7 +102,6 @@ def time_attention(cfg, batch: int, seq: int, layers: int) -> tuple[float, str]:
             print(f"  attention {backend.name}: {str(e).splitlines()[0][:100]}", flush=True)
             continue
         best = min(best, (ms, backend.name))
-    del q, k, v, grad, hkv
     return best
 
 
