@@ -53,7 +53,7 @@ def _definitions(pattern: str) -> list[str]:
 
 @pytest.mark.parametrize("pattern, home", [
     (r"^IGNORE_INDEX\s*=", ["data/records.py"]),
-    (r"^def apply_overrides\(", ["config.py"]),
+    (r"^def apply_overrides\(", ["config/reading.py"]),
     (r"^def is_due\(", ["tiers.py"]),
     (r"_orig_mod", ["model/loading.py"]),
     (r"^def lr_lambda\(", ["optim/schedule.py"]),
