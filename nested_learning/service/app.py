@@ -271,7 +271,8 @@ def create_app(settings: Settings) -> FastAPI:
         return {"text": text, "adapter": path}
 
     # ---- the old app's router, the dashboard ------------------------------------------------------------------
-    from nested_learning.service.compat import make_listing_router, make_router
+    from nested_learning.service.compat import make_router
+    from nested_learning.service.compat_listing import make_listing_router
 
     app.include_router(make_router(svc))
     app.include_router(make_listing_router(svc))  # the old page's model and adapter dropdowns

@@ -5,7 +5,7 @@ An old run folder (``<output_path>/<experiment_name>/``) holds ``config.json`` (
 ``learning_rate``, ``tier_stats``), ``metrics/eval_metrics.jsonl`` (``step``, ``loss``) and
 ``checkpoints/{best,final,checkpoint_NNNNNNN}/adapters.safetensors`` (mlx-lm adapters). The import writes
 
-- ``config.yaml``: the request mapped as ``POST /nested-learning/start`` maps it (compat.py);
+- ``config.yaml``: the request mapped as ``POST /nested-learning/start`` maps it (compat_request.py);
 - ``metrics.jsonl``: the rows in our format, steps counted from 1 (a row's step is the number of micro-steps
   done, as the old status reported it; the old run's steps are kept, not divided by its accumulation);
 - ``checkpoints/{best,last,step-NNNNNN}/``: PEFT adapters converted from the old ones, each with the run's
@@ -58,7 +58,7 @@ def _old_config(old: Path) -> dict[str, Any]:
 def _train_config(old: Path, raw: dict[str, Any], base: str | None, out: Path) -> tuple[TrainConfig, list[str]]:
     from pydantic import ValidationError
 
-    from nested_learning.service.compat import OldStartRequest, to_train_config
+    from nested_learning.service.compat_request import OldStartRequest, to_train_config
     from nested_learning.service.jobs import JobError
 
     try:
