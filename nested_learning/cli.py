@@ -1,7 +1,8 @@
 """``nested-learning``: train, eval, generate, merge, demo, convert-adapter, import-run (and ``serve``).
 
 Every subcommand reports a bad input as one ``error: ...`` line naming the field, file or line, exit code 2;
-a training failure (non-finite loss) exits 1. Printing lives here, as trainer callbacks.
+a training failure (non-finite loss) exits 1. What a run prints (trainer callbacks) and how it hears a stop:
+``cli_output.py``.
 """
 
 from __future__ import annotations
@@ -9,147 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from nested_learning.train.state import Callback, TrainerState
+from nested_learning.cli_output import StopSignals, progress_callback, setup_logging
 
 log = logging.getLogger("nested_learning")
-
-
-# ------------------------------------------------------------------------------------------------ progress
-def _eta(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def _step_line(s: TrainerState) -> str:
-    loss = f"{s.train_loss:.4f}" if s.train_loss is not None else "?"
-    tps = f"{s.tokens_per_sec:,.0f}" if s.tokens_per_sec else "?"
-    return f"loss {loss}  lr {s.lr:.2e}  {tps} tok/s  ETA {_eta(s.eta_s)}"
-
-
-def _eval_line(s: TrainerState) -> str:
-    line = f"val_loss {s.val_loss:.4f}  val_ppl {s.val_ppl:.2f}"
-    if s.val_exact_match is not None:
-        line += f"  val_exact_match {s.val_exact_match:.3f}"
-    if s.retain_loss is not None:
-        line += f"  retain_loss {s.retain_loss:.4f}"
-    if s.retain_exact_match is not None:
-        line += f"  retain_exact_match {s.retain_exact_match:.3f}"
-    return line
-
-
-class LogLines(Callback):
-    """``--quiet``: plain log lines, one per logged step and eval."""
-
-    def __init__(self, every: int = 1):
-        self.every = every
-
-    def on_start(self, state):
-        log.info("tier plan:\n%s", state.tier_plan)
-        log.info("%s", state.speed_plan)
-        log.info("training %d steps -> %s", state.total_steps, state.output_dir)
-
-    def on_step(self, state):
-        if state.step % self.every == 0 or state.step == state.total_steps:
-            log.info("step %d/%d  %s", state.step, state.total_steps, _step_line(state))
-
-    def on_eval(self, state):
-        log.info("step %d  %s", state.step, _eval_line(state))
-
-    def on_checkpoint(self, state, path):
-        log.info("checkpoint %s", path)
-
-    def on_end(self, state):
-        log.info("%s at step %d%s", state.status, state.step, f": {state.error}" if state.error else "")
-
-
-class RichProgress(LogLines):
-    """A progress bar with loss, lr, tokens/s and ETA; evals and checkpoints print above it."""
-
-    def __init__(self, console):
-        super().__init__()
-        self.console, self.progress, self.task = console, None, None
-
-    def on_start(self, state):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        self.console.print(state.tier_plan)
-        self.console.print(state.speed_plan, highlight=False)
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            console=self.console, transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=state.total_steps, completed=state.step, info="")
-
-    def on_step(self, state):
-        self.progress.update(self.task, completed=state.step, info=_step_line(state))
-
-    def on_eval(self, state):
-        self.console.print(f"step {state.step}: {_eval_line(state)}")
-
-    def on_checkpoint(self, state, path):
-        self.console.print(f"[dim]checkpoint {path}[/dim]")
-
-    def on_end(self, state):
-        if self.progress is not None:
-            self.progress.stop()
-        super().on_end(state)
-
-
-def _setup_logging(quiet: bool):
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    root = logging.getLogger("nested_learning")
-    root.handlers.clear()
-    root.setLevel(logging.INFO)
-    if quiet:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    else:
-        from rich.logging import RichHandler
-
-        handler = RichHandler(console=console, show_path=False, show_time=False)
-    root.addHandler(handler)
-    root.propagate = False
-    return console
-
-
-def _progress_callback(quiet: bool, console, every: int = 1) -> Callback:
-    return LogLines(every) if quiet or not console.is_terminal else RichProgress(console)
-
-
-class _Signals:
-    """SIGINT/SIGTERM ask the run to stop after the current step (and save); a second Ctrl-C aborts."""
-
-    def __init__(self, stop: threading.Event):
-        self.stop, self.saved = stop, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop.set()
-        log.warning("stop requested: finishing the current step and saving (Ctrl-C again to abort)")
-
-    def __exit__(self, *exc):
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -194,13 +62,13 @@ def cmd_train(args) -> int:
     ctx = distributed.init_from_env(cfg.distributed.timeout_s, cfg.model.device)
     if ctx.active and cfg.backend != "torch":
         raise ConfigError(f"backend: data-parallel training (torchrun) needs backend torch, not {cfg.backend}")
-    console = _setup_logging(args.quiet)
+    console = setup_logging(args.quiet)
     if not ctx.is_main:
         logging.getLogger("nested_learning").setLevel(logging.WARNING)
     stop = threading.Event()
     try:
-        with _Signals(stop):
-            state = run_training(cfg, [_progress_callback(args.quiet, console, cfg.output.log_every)], stop,
+        with StopSignals(stop):
+            state = run_training(cfg, [progress_callback(args.quiet, console, cfg.output.log_every)], stop,
                                  args.resume)
     finally:
         distributed.shutdown()
@@ -226,7 +94,7 @@ def _sweep(args, overrides: list[str]) -> int:
     runs = expand_sweep(args.config, overrides, args.sweep)
     summary = Path(runs[0].config.output.dir).parent / "sweep.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    console = _setup_logging(args.quiet)
+    console = setup_logging(args.quiet)
     log.info("sweep: %d runs under %s", len(runs), summary.parent)
     stop = threading.Event()
 
@@ -234,8 +102,8 @@ def _sweep(args, overrides: list[str]) -> int:
         print(json.dumps(run.summary()), flush=True)
         write_summary(runs, summary)
 
-    with _Signals(stop):
-        run_sweep(runs, [_progress_callback(args.quiet, console, runs[0].config.output.log_every)], stop,
+    with StopSignals(stop):
+        run_sweep(runs, [progress_callback(args.quiet, console, runs[0].config.output.log_every)], stop,
                   args.resume, on_run_end=report)
     print(sweep_table(runs))
     return 0 if all(r.status == "completed" for r in runs) else 1
@@ -290,7 +158,7 @@ def cmd_eval(args) -> int:
         retain = EvalConfig(retain=args.retain or []).retain  # named by file stem, as eval.retain does
     except ValidationError as exc:
         raise ConfigError(f"--retain: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-    _setup_logging(True)
+    setup_logging(True)
     scores, base_model = _eval_scores, None
     if _mlx_checkpoint(args.adapter):  # an MLX run's checkpoint: scored with mlx-lm, its base loaded beside it
         from nested_learning.mlx.generate import load_mlx_checkpoint
@@ -357,7 +225,7 @@ def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.messages is None):
         raise ConfigError("generate: give exactly one of --prompt or --messages")
     messages = _parse_messages(args.messages) if args.messages is not None else None
-    _setup_logging(True)
+    setup_logging(True)
     if _mlx_checkpoint(args.adapter):
         from nested_learning.mlx.generate import generate_mlx, load_mlx_checkpoint
 
@@ -391,7 +259,7 @@ def _mlx_checkpoint(adapter: str | None) -> bool:
 def cmd_merge(args) -> int:
     from nested_learning.inference.merge import merge_adapter
 
-    _setup_logging(True)
+    setup_logging(True)
     if _mlx_checkpoint(args.adapter):
         from nested_learning.mlx.generate import merge_mlx
 
@@ -406,8 +274,8 @@ def cmd_merge(args) -> int:
 def cmd_demo(args) -> int:
     from nested_learning.demo import run_demo
 
-    console = _setup_logging(args.quiet)
-    res = run_demo(args.out, args.steps, [_progress_callback(args.quiet, console, 10)], overwrite=args.overwrite,
+    console = setup_logging(args.quiet)
+    res = run_demo(args.out, args.steps, [progress_callback(args.quiet, console, 10)], overwrite=args.overwrite,
                    backend=args.backend)
     console.print(f"prompt: {res['prompt']!r}")
     console.print(f"before training: {res['before']!r}")

@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from nested_learning.cli import _Signals, main
+from nested_learning.cli import main
+from nested_learning.cli_output import StopSignals
 from conftest import write_data
 
 
@@ -167,7 +168,7 @@ def test_demo_reduced(tmp_path, capsys):
 
 def test_signals_request_a_graceful_stop():
     stop = threading.Event()
-    with _Signals(stop):
+    with StopSignals(stop):
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.wait(5)
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts hard
