@@ -82,9 +82,10 @@ def search_all(args, results: list, launch, peak: float) -> None:
 
 
 def search_seq_all(args, launch, peak: float) -> None:
-    """``--fit-seq``: per shape and variant, the longest row that fits at batch 1 (fixed rows, 1 + 2 steps per
-    try, each a fresh process): growing by ``--seq-grow`` (2: doubling) from ``--seq-len`` (or the shape's length) until a row runs out of
-    memory, then bisecting to ``--seq-step`` tokens. Kept in the ``--json`` file under ``fit_seq_search``;
+    """``--fit-seq``: per shape and variant, the longest row that fits at batch 1 (fixed rows, 2 + 2 steps per
+    try, each a fresh process; two warm-up steps, so ours' timed steps replay its CUDA graphs rather than record
+    them): growing by ``--seq-grow`` (2: doubling) from ``--seq-len`` (or the shape's length) until a row runs out
+    of memory, then bisecting to ``--seq-step`` tokens. Kept in the ``--json`` file under ``fit_seq_search``;
     searches of other shapes and labels already there stay."""
     shapes, variants, labels, searches = searched_before(args, "fit_seq_search")
     for shape in shapes:
@@ -93,7 +94,7 @@ def search_seq_all(args, launch, peak: float) -> None:
 
             def fits(seq: int, shape=shape, variant=variant, tries=tries) -> bool:
                 return attempt(launch, shape, variant, tries, "seq", seq, ("peak_gib", "real_tokens_per_s"),
-                               batch=1, warmup=1, steps=2, label=True, seq=seq)
+                               batch=1, warmup=2, steps=2, label=True, seq=seq)
 
             try:
                 search_longest(fits, args.seq_len or SHAPES[shape][3], tries=args.fit_tries, step=args.seq_step,
