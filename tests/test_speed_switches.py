@@ -180,12 +180,13 @@ def test_packing_keeps_the_first_step_loss(tmp_path):
 
 
 def _saved_bytes_and_grads(budget: float):
-    """Compile a tiny LoRA decoder (inductor, CPU) under ``budget``; bytes saved for backward and the grads."""
+    """Compile a tiny LoRA decoder under ``budget`` (AOT autograd with the min-cut partitioner inductor uses, no
+    C++ codegen); bytes saved for backward and the grads."""
     torch._dynamo.reset()
     set_activation_memory_budget(budget)
     model = tiny("llama", dtype=torch.float32, layers=1)  # the partitioner's choice is per layer
     decoder = model.get_base_model().model
-    decoder.compile()
+    decoder.compile(backend="aot_eager_decomp_partition")  # the min-cut partitioner, no C++ codegen
     ids = torch.randint(0, 211, (2, 64), generator=torch.Generator().manual_seed(0))
     saved = {}
 
