@@ -38,7 +38,8 @@ from nested_learning.service.compat_request import OLD_OUTPUT_PATH, OldStartRequ
 from nested_learning.service.jobs import JobError, JobService, Settings, job_view
 from nested_learning.service.openapi import errors
 
-__all__ = ["OldStartRequest", "configure", "make_router", "router", "settings_from_env", "to_train_config"]
+__all__ = ["AnswersItsErrors", "OldStartRequest", "configure", "make_router", "router", "service_provider",
+           "settings_from_env", "to_train_config"]
 
 OLD_STATUS = {"queued": "running", "running": "running", "completed": "completed", "failed": "error",
               "stopped": "idle", "interrupted": "idle"}
@@ -166,7 +167,7 @@ def _tier_info(view: dict[str, Any] | None) -> dict[str, Any]:
 
 
 # ---- routing --------------------------------------------------------------------------------------------------
-class _AnswersItsErrors(APIRoute):
+class AnswersItsErrors(APIRoute):
     """Bad requests become 4xx answers inside the route, so a host app without our exception handlers (the old
     app's main.py) still answers ``{"detail": ...}`` rather than a 500."""
 
@@ -195,7 +196,7 @@ class _AnswersItsErrors(APIRoute):
         return answer
 
 
-def _provider(svc: JobService | Callable[[], JobService]) -> Callable[[], JobService]:
+def service_provider(svc: JobService | Callable[[], JobService]) -> Callable[[], JobService]:
     return svc if callable(svc) and not isinstance(svc, JobService) else (lambda: svc)
 
 
@@ -213,8 +214,8 @@ def _run_dir(svc: JobService, root: Path, name: str) -> tuple[Path, str]:
 def make_router(svc: JobService | Callable[[], JobService], lifespan=None) -> APIRouter:
     """The ``/nested-learning`` routes on ``svc`` (or on what a zero-argument callable returns at each call);
     ``lifespan`` joins the host app's when the router is included."""
-    service = _provider(svc)
-    router = APIRouter(prefix="/nested-learning", tags=["compat (old app)"], route_class=_AnswersItsErrors,
+    service = service_provider(svc)
+    router = APIRouter(prefix="/nested-learning", tags=["compat (old app)"], route_class=AnswersItsErrors,
                        lifespan=lifespan)
     start_lock = threading.Lock()
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from fastapi import APIRouter
 
-from nested_learning.service.compat import _AnswersItsErrors, _provider
+from nested_learning.service.compat import AnswersItsErrors, service_provider
 from nested_learning.service.jobs import JobService
 
 __all__ = ["list_adapters", "list_models", "make_listing_router"]
@@ -83,8 +83,8 @@ def list_adapters(roots: list[Path], depth: int = 5) -> list[dict[str, Any]]:
 
 def make_listing_router(svc: JobService | Callable[[], JobService]) -> APIRouter:
     """``GET /models`` and ``GET /adapters`` in the old shapes, listing what lies under the data roots."""
-    service = _provider(svc)
-    router = APIRouter(tags=["compat (old app)"], route_class=_AnswersItsErrors)
+    service = service_provider(svc)
+    router = APIRouter(tags=["compat (old app)"], route_class=AnswersItsErrors)
 
     @router.get("/models")
     def models() -> dict[str, Any]:
